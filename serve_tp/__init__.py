@@ -1,0 +1,1 @@
+"""serve_tp: tensor-parallel causal LM serving on Ray Serve + DeepSpeed."""

@@ -1,0 +1,113 @@
+"""All settings of a serve_tp application, validated once when the app is built.
+
+The same keys come from `serve run serve_tp.app:build_app key=value ...` (strings,
+coerced by pydantic) and from the `args:` of an application in service.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Device = Literal["auto", "cuda", "cpu"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
+
+
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling; each replica is a whole TP group, so scale in groups."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest TP groups kept running.")
+    max_replicas: int = Field(2, ge=1, description="Most TP groups started under load.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeTPConfig(BaseModel):
+    """One pydantic model for every setting of the application."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model ---
+    model: str = Field("gpt2", min_length=1, description="Hugging Face Hub id or local directory.")
+    served_model_name: Optional[str] = Field(
+        None, min_length=1, description="Name clients put in `model`; defaults to `model`."
+    )
+    hf_revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+
+    # --- parallelism and placement ---
+    tensor_parallel_size: int = Field(2, ge=1, le=64, description="Ranks (GPUs) per replica.")
+    device: Device = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
+    dtype: DType = Field("auto", description="auto: float16 on cuda, float32 on cpu.")
+    placement_strategy: PlacementStrategy = Field(
+        "STRICT_PACK", description="Placement group strategy of one replica's bundles."
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the replica (HTTP, tokenizer).")
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs reserved for each rank actor.")
+
+    # --- replicas ---
+    num_replicas: int = Field(1, ge=1, le=1024, description="TP groups when autoscaling is off.")
+    autoscaling_config: Optional[AutoscalingSettings] = Field(
+        None, description="If set, replaces num_replicas."
+    )
+
+    # --- batching ---
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together.")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=1, description="How long an idle engine waits to gather a batch."
+    )
+
+    # --- generation defaults ---
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it.")
+    default_temperature: float = Field(1.0, ge=0, le=2, description="As OpenAI: 1.0.")
+    default_top_p: float = Field(1.0, gt=0, le=1)
+
+    # --- limits ---
+    max_ongoing_requests: int = Field(64, ge=1, description="In flight per replica.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Waiting at the proxy before clients get 503; -1 = unbounded."
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt).")
+    max_prompts_per_request: int = Field(16, ge=1, description="Largest prompt list.")
+    max_prompt_chars: int = Field(100_000, ge=1, description="Longest prompt string accepted.")
+    max_stop_sequences: int = Field(4, ge=1, le=64)
+    request_timeout_s: float = Field(120, gt=0, description="A request that runs longer gets 504.")
+    startup_timeout_s: float = Field(900, gt=0, description="Model download + load + group setup.")
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    stall_timeout_s: float = Field(
+        60, gt=0, description="A rank with work that makes no step for this long is unhealthy."
+    )
+
+    @model_validator(mode="after")
+    def _cpu_dtype(self) -> "ServeTPConfig":
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("dtype float16 is not supported with device cpu: use float32 or bfloat16")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use in the `model` field."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.name if path.is_dir() else self.model
+
+    def resolved_dtype(self, device: str) -> str:
+        """fp16 on GPU (speed), fp32 on CPU (many CPU kernels lack fp16)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if device == "cuda" else "float32"

@@ -1,0 +1,161 @@
+"""InferenceWorker: one tensor-parallel rank, a Ray actor bound to one GPU or CPU slot.
+
+Torch and DeepSpeed are imported here, where ranks run, never in the HTTP replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import AsyncIterator, Optional
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class InferenceWorker:
+    """Loads its shard, joins the group, and runs the engine loop on a thread."""
+
+    def __init__(self, rank: int, world_size: int, settings: dict):
+        self.rank = rank
+        self.world_size = world_size
+        self.settings = settings  # the resolved fields of ServeTPConfig that ranks need
+        self.engine = None
+        self.info: dict = {}
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0: this node's IP and a free port on it, for the others to dial."""
+        import ray
+
+        from serve_tp.distributed import free_port
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, address: str, port: int) -> dict:
+        """Join the process group, load and shard the model, start the engine loop."""
+        import torch
+
+        from serve_tp.batch import SequenceBatch
+        from serve_tp.distributed import init_tp_comm
+        from serve_tp.engine import EngineLoop
+
+        started = time.monotonic()
+        s = self.settings
+        device = torch.device("cuda", 0) if s["device"] == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
+        model = load_sharded_model(s["model_dir"], s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
+        batch = SequenceBatch(model, device)
+        self.engine = EngineLoop(
+            batch,
+            comm.broadcast_plan,
+            self.rank,
+            eos_token_id=model.config.eos_token_id,
+            max_context=model.config.n_positions,
+            max_batch_size=s["max_batch_size"],
+            batch_wait_s=s["batch_wait_timeout_s"],
+        )
+        self.engine.start()
+        import ray
+
+        self.info = {
+            "rank": self.rank,
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "device": str(device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "backend": backend,
+            "dtype": s["dtype"],
+            "load_s": round(time.monotonic() - started, 2),
+        }
+        return self.info
+
+    async def generate(self, seq_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        """Rank 0: stream one sequence's tokens as {"token_ids", "finish_reason", "error"}.
+
+        Tokens produced while the caller was busy are coalesced into one item.
+        """
+        from serve_tp.engine import StepOutput
+        from serve_tp.sampling import SamplingParams
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+        def sink(out: StepOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), sink)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                token_ids, finish, error = list(out.token_ids), out.finish_reason, out.error
+                while finish is None and not queue.empty():
+                    more = queue.get_nowait()
+                    token_ids += more.token_ids
+                    finish, error = more.finish_reason, more.error
+                finished = finish is not None
+                yield {"token_ids": token_ids, "finish_reason": finish, "error": error}
+        finally:
+            if not finished:  # the caller went away: free the batch slot
+                self.engine.cancel(seq_id)
+
+    def cancel(self, seq_id: str) -> None:
+        if self.engine is not None:
+            self.engine.cancel(seq_id)
+
+    def health(self) -> dict:
+        """Alive, loop running, and stepping when there is work (or heartbeats, if a follower)."""
+        engine = self.engine
+        if engine is None:
+            return {"rank": self.rank, "healthy": False, "reason": "not set up"}
+        age = time.monotonic() - engine.last_step_at
+        stall = self.settings["stall_timeout_s"]
+        reason: Optional[str] = None
+        if engine.failure is not None:
+            reason = f"engine failed: {engine.failure!r}"
+        elif not engine.alive:
+            reason = "engine loop stopped"
+        elif self.rank == 0 and engine.has_work() and age > stall:
+            reason = f"no step for {age:.0f}s with work queued"
+        elif self.rank != 0 and age > stall:
+            reason = f"no plan from rank 0 for {age:.0f}s"
+        return {"rank": self.rank, "healthy": reason is None, "reason": reason, **engine.load()}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def load_sharded_model(model_dir: str, dtype_name: str, device, rank: int, world_size: int, all_reduce):
+    """Load GPT-2 on CPU, keep this rank's shard, hand it to deepspeed.init_inference."""
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    from serve_tp.tp_gpt2 import shard_gpt2
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "gpt2":
+        raise ValueError(
+            f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'); "
+            f"{model_dir} is '{config.model_type}'"
+        )
+    dtype = getattr(torch, dtype_name)
+    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    shard_gpt2(model, world_size, rank, all_reduce)
+    # Our shard is already split, so DeepSpeed sees tp_size 1: its AutoTP would refuse GPT-2
+    # and its injection-policy path mis-splits Conv1D. It still places and casts the module.
+    engine = deepspeed.init_inference(
+        model, dtype=dtype, replace_with_kernel_inject=False, tensor_parallel={"tp_size": 1}
+    )
+    module = engine.module
+    module.to(device)
+    return module

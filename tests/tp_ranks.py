@@ -1,0 +1,72 @@
+"""Run the real TP path in `world_size` local processes (gloo), for the equivalence tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from serve_tp.distributed import free_port
+
+
+def _greedy(batch, prompts: list[list[int]], steps: int):
+    """Greedy tokens and first-step logits for all prompts, decoded as one batch."""
+    logits = batch.admit([str(i) for i in range(len(prompts))], prompts)
+    first_logits = logits.float().clone()
+    tokens = [[int(t)] for t in logits.argmax(-1)]
+    for _ in range(steps - 1):
+        logits = batch.decode([seq[-1] for seq in tokens])
+        for seq, t in zip(tokens, logits.argmax(-1)):
+            seq.append(int(t))
+    return tokens, first_logits
+
+
+def _rank_main(rank, world_size, port, model_dir, prompts, steps, results):
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        from serve_tp.batch import SequenceBatch
+        from serve_tp.distributed import init_tp_comm
+        from serve_tp.worker import load_sharded_model
+
+        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, "gloo", 120)
+        model = load_sharded_model(model_dir, "float32", torch.device("cpu"), rank, world_size, comm.all_reduce)
+        tokens, logits = _greedy(SequenceBatch(model, torch.device("cpu")), prompts, steps)
+        results.put((rank, tokens, logits.numpy(), None))
+    except Exception:
+        results.put((rank, None, None, traceback.format_exc()))
+
+
+def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int):
+    """Rank 0's greedy tokens and first-step logits; every rank's failure is raised."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port("127.0.0.1")
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    got = {}
+    deadline = time.monotonic() + 300
+    while len(got) < world_size:
+        try:
+            rank, tokens, logits, error = results.get(timeout=1)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"TP ranks died or timed out (exit codes {dead})")
+            continue
+        if error:
+            raise RuntimeError(f"rank {rank} failed:\n{error}")
+        got[rank] = (tokens, logits)
+    for p in procs:
+        p.join(timeout=60)
+    return got
