@@ -1,0 +1,1 @@
+"""Load tests of serve_tp and its baselines; see benchmarks/README.md."""
