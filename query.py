@@ -1,7 +1,7 @@
 """Stream a completion from a serve_tp service: a local `serve run` or the Anyscale service.
 
     python query.py "The meaning of life is" --max-tokens 32
-    BASE_URL=https://tp-service-xxxx.s.anyscaleuserdata.com SERVICE_TOKEN=... python query.py
+    BASE_URL=https://tp-service-abc123.serve.anyscale.com SERVICE_TOKEN=... python query.py
 
 The base URL and token default to $BASE_URL and $SERVICE_TOKEN (both printed by
 `anyscale service deploy`), then to http://localhost:8000 and no token. Exits 0 on success;
