@@ -146,6 +146,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         reason = f"cannot connect to {args.base_url}: {exc}"
     except httpx.HTTPError as exc:
         reason = f"{type(exc).__name__} from {args.base_url}: {exc}"
+    except (ValueError, KeyError, IndexError) as exc:  # a 200 that is not an OpenAI answer
+        reason = f"unexpected answer from {args.base_url}: {type(exc).__name__}: {exc}"
     except KeyboardInterrupt:
         return 130
     else:

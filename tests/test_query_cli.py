@@ -135,6 +135,13 @@ def test_500_with_a_plain_text_body(fixed_server) -> None:
     assert_one_line_failure(result, "500", "Internal Server Error")
 
 
+@pytest.mark.parametrize("fixed_server", [(200, b"<html>Sign in</html>", "text/html")], indirect=True)
+@pytest.mark.parametrize("stream, fragment", [(True, "ended before"), (False, "unexpected answer")])
+def test_a_200_that_is_not_an_openai_answer(fixed_server, stream: bool, fragment: str) -> None:
+    result = run_query("hi", "--base-url", fixed_server.url, "--model", "m", *([] if stream else ["--no-stream"]))
+    assert_one_line_failure(result, fragment)
+
+
 def test_refused_connection() -> None:
     with socket.socket() as probe:  # a port that was free a moment ago; nothing listens now
         probe.bind(("127.0.0.1", 0))
