@@ -56,3 +56,17 @@ def context_length(model_config: dict) -> int:
         if key in model_config:
             return int(model_config[key])
     raise ModelSourceError("model config names no context length (n_positions)")
+
+
+def check_model_shardable(model_config: dict, tensor_parallel_size: int) -> None:
+    """Fail at startup, with both numbers, before any rank loads weights."""
+    from serve_tp.sharding import check_gpt2_shardable
+
+    if model_config.get("model_type") != "gpt2":
+        raise ModelSourceError(
+            f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'), "
+            f"got '{model_config.get('model_type')}'"
+        )
+    embed = int(model_config["n_embd"])
+    inner = model_config.get("n_inner") or 4 * embed
+    check_gpt2_shardable(int(model_config["n_head"]), int(inner), tensor_parallel_size)

@@ -11,7 +11,10 @@ GPT-2 stores its projections as `Conv1D`, whose weight is [in_features, out_feat
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the replica checks shapes without importing torch
+    import torch
 
 
 class ShardingError(ValueError):
@@ -43,6 +46,8 @@ def qkv_column_indices(embed_dim: int, world_size: int, rank: int) -> torch.Tens
     Heads are contiguous within each of Q, K and V, so a rank's heads are the same
     slice [start, end) taken from each third.
     """
+    import torch
+
     start, end = shard_bounds(embed_dim, world_size, rank)
     local = torch.arange(start, end)
     return torch.cat([local, local + embed_dim, local + 2 * embed_dim])

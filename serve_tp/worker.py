@@ -13,8 +13,6 @@ from typing import AsyncIterator, Optional
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 class InferenceWorker:
     """Loads its shard, joins the group, and runs the engine loop on a thread."""
@@ -42,6 +40,7 @@ class InferenceWorker:
         from serve_tp.batch import SequenceBatch
         from serve_tp.distributed import init_tp_comm
         from serve_tp.engine import EngineLoop
+        from serve_tp.model_source import resolve_model_dir
 
         started = time.monotonic()
         s = self.settings
@@ -49,8 +48,9 @@ class InferenceWorker:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        model_dir = str(resolve_model_dir(s["model"], s["hf_revision"]))
         comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
-        model = load_sharded_model(s["model_dir"], s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
+        model = load_sharded_model(model_dir, s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
         batch = SequenceBatch(model, device)
         self.engine = EngineLoop(
             batch,

@@ -1,0 +1,118 @@
+"""InferenceDeployment: one Serve replica = one HTTP front + one TP group of ranks."""
+
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from serve_tp.auth import authorized
+from serve_tp.config import ServeTPConfig
+from serve_tp.errors import APIError, error_response, from_validation_error, install_handlers
+from serve_tp.model_source import check_model_shardable, context_length, read_model_config, resolve_model_dir
+from serve_tp.protocol import CompletionRequest, CompletionResponse, ModelList
+from serve_tp.serving import CompletionService
+from serve_tp.tp_group import RankFailure, TPGroup
+
+logger = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above max_prompt_chars of JSON-escaped text
+
+api = FastAPI(title="serve_tp", description="OpenAI-compatible completions, tensor parallel.")
+install_handlers(api)
+
+_COMPLETION_SCHEMA = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+@serve.deployment
+@serve.ingress(api)
+class InferenceDeployment:
+    async def __init__(self, config: dict, device: str, api_key_digest: Optional[str] = None):
+        from tokenizers import Tokenizer
+
+        self.config = ServeTPConfig.model_validate(config)
+        self.device = device
+        self.api_key_digest = api_key_digest
+        started = time.monotonic()
+        model_dir = resolve_model_dir(self.config.model, self.config.hf_revision)
+        tokenizer_file = Path(model_dir) / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        model_config = read_model_config(Path(model_dir))
+        check_model_shardable(model_config, self.config.tensor_parallel_size)
+        self.context_length = context_length(model_config)
+        self.group = TPGroup(self.config, device)
+        self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
+        self.created = int(time.time())
+        ranks = await self.group.start()
+        logger.info(json.dumps({
+            "event": "replica_started", "model": self.config.model, "served_as": self.config.model_name,
+            "device": self.device, "dtype": self.config.resolved_dtype(self.device),
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "placement_strategy": self.config.placement_strategy, "ranks": ranks,
+            "startup_s": round(time.monotonic() - started, 1),
+        }))
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the whole replica."""
+        await self.group.health()
+
+    def __del__(self):
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()
+
+    # ---- routes ----
+    def _authorize(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), self.api_key_digest):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @api.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _COMPLETION_SCHEMA}}}},
+    )
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+        try:
+            req = CompletionRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        jobs = self.service.plan(req)
+        if req.stream:
+            return StreamingResponse(self.service.stream(req, jobs), media_type="text/event-stream")
+        return JSONResponse(await self.service.complete(req, jobs))
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "serve_tp",
+            "root": self.config.model, "max_model_len": self.context_length}]}
+
+    @api.get("/infer")
+    async def infer(self, request: Request, text: str = "") -> str:
+        """The tutorial's route: the prompt followed by its greedy continuation."""
+        self._authorize(request)
+        req = CompletionRequest(prompt=text, temperature=0.0, max_tokens=self.config.default_max_tokens)
+        result = await self.service.complete(req, self.service.plan(req))
+        return text + result["choices"][0]["text"]
+
+    @api.get("/health")
+    async def health(self):
+        try:
+            ranks = await self.group.health()
+        except RankFailure as exc:
+            return error_response(APIError(503, f"unhealthy: {exc}", code="unhealthy"))
+        return {"status": "ok", "ranks": ranks}

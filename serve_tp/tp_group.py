@@ -1,0 +1,122 @@
+"""The replica's handle on its TP group: starts the rank actors and talks to them.
+
+Imports no torch. Every call into a rank has a timeout, so a dead or stuck rank turns
+into an error the HTTP layer can answer, never a hung request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from serve_tp.config import ServeTPConfig
+from serve_tp.placement import rank_bundle_index, rank_resources
+
+logger = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """A rank died, failed, or did not answer in time."""
+
+
+class TPGroup:
+    """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
+
+    def __init__(self, config: ServeTPConfig, device: str):
+        from serve_tp.worker import InferenceWorker
+
+        self.config = config
+        self.device = device
+        settings = {
+            "model": config.model,
+            "hf_revision": config.hf_revision,
+            "device": device,
+            "dtype": config.resolved_dtype(device),
+            "max_batch_size": config.max_batch_size,
+            "batch_wait_timeout_s": config.batch_wait_timeout_s,
+            "collective_timeout_s": config.startup_timeout_s,
+            "stall_timeout_s": config.stall_timeout_s,
+        }
+        placement_group = ray.util.get_current_placement_group()
+        resources = rank_resources(config, device)
+        worker_cls = ray.remote(InferenceWorker)
+        self.workers = []
+        for rank in range(config.tensor_parallel_size):
+            strategy = None
+            if placement_group is not None:
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group,
+                    placement_group_bundle_index=rank_bundle_index(rank),
+                )
+            self.workers.append(
+                worker_cls.options(
+                    name=None,
+                    num_cpus=resources["CPU"],
+                    num_gpus=resources.get("GPU", 0),
+                    scheduling_strategy=strategy,
+                    max_restarts=0,  # a lost rank breaks the group: Serve replaces the replica
+                ).remote(rank, config.tensor_parallel_size, settings)
+            )
+        self.rank_info: list[dict] = []
+
+    async def start(self) -> list[dict]:
+        """Rank 0 picks an address on its node; all ranks join and load their shards."""
+        timeout = self.config.startup_timeout_s
+        try:
+            address, port = await asyncio.wait_for(self.workers[0].address.remote(), timeout)
+            self.rank_info = await asyncio.wait_for(
+                asyncio.gather(*[w.setup.remote(address, port) for w in self.workers]), timeout
+            )
+        except asyncio.TimeoutError as exc:
+            raise RankFailure(f"TP group did not start within startup_timeout_s={timeout}") from exc
+        return self.rank_info
+
+    async def generate(self, seq_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        """Rank 0's stream of {"token_ids", "finish_reason", "error"} for one sequence."""
+        stream = self.workers[0].generate.options(num_returns="streaming").remote(seq_id, prompt_ids, params)
+        finished = False
+        try:
+            async for ref in stream:
+                try:
+                    item = await ref
+                except ray.exceptions.RayError as exc:
+                    raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
+                finished = item["finish_reason"] is not None
+                yield item
+        finally:
+            if not finished:
+                self.cancel(seq_id)
+
+    def cancel(self, seq_id: str) -> None:
+        """Fire-and-forget: free the sequence's batch slot if it is still running."""
+        try:
+            self.workers[0].cancel.remote(seq_id)
+        except Exception:  # rank 0 gone: nothing to free
+            pass
+
+    async def health(self) -> list[dict]:
+        """Every rank's health, within the health-check timeout; raises if one is bad."""
+        timeout = self.config.health_check_timeout_s / 2
+        try:
+            reports = await asyncio.wait_for(
+                asyncio.gather(*[w.health.remote() for w in self.workers]), timeout
+            )
+        except asyncio.TimeoutError as exc:
+            raise RankFailure(f"a rank did not answer its health check within {timeout:.0f}s") from exc
+        except ray.exceptions.RayError as exc:
+            raise RankFailure(f"a rank is gone: {type(exc).__name__}") from exc
+        bad = [r for r in reports if not r["healthy"]]
+        if bad:
+            raise RankFailure("; ".join(f"rank {r['rank']}: {r['reason']}" for r in bad))
+        return reports
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            try:
+                ray.kill(worker)
+            except Exception:
+                pass
