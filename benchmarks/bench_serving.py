@@ -159,7 +159,9 @@ class Apps:
             # Logical CPUs: bundles of both apps must fit even on a 2-core machine; the ranks
             # only heartbeat while another target is measured.
             need = 2 * (a.tensor_parallel_size + 1)  # serve_tp's and the tutorial's bundles
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level=logging.WARNING)
+            # address="local": a fresh instance even if another one (a test's, a `serve run`) is up.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
+                     include_dashboard=False, logging_level=logging.WARNING)
             self.own_ray = True
         serve.start(http_options={"host": "127.0.0.1", "port": a.serve_port})
 
