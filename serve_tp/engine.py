@@ -232,7 +232,9 @@ class EngineLoop:
                 seq.sink(StepOutput([token]))
             else:
                 self._to_evict.append(seq.seq_id)
-                seq.sink(StepOutput([] if finish == "stop" else [token], finish))
+                # EOS counts as a completion token (as vLLM and OpenAI count it); the
+                # detokenizer skips it as a special token.
+                seq.sink(StepOutput([token], finish))
 
     def _fail_all(self, message: str) -> None:
         with self._cond:

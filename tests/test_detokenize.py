@@ -1,0 +1,53 @@
+"""Streaming text: no split characters, stop strings cut exactly and never leak."""
+
+import pytest
+from tokenizers import Tokenizer
+
+from serve_tp.detokenize import IncrementalDetokenizer, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json")
+
+
+@pytest.mark.parametrize("text", ["café naïve résumé", "日本語 and 中文 🙂🚀", "plain ascii text, numbers 42"])
+def test_streamed_pieces_join_to_the_full_decode_and_are_whole_characters(tokenizer, text):
+    ids = tokenizer.encode(text).ids
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push([i]) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_multibyte_character_split_over_tokens_is_held_back(tokenizer):
+    ids = tokenizer.encode("🙂").ids
+    assert len(ids) > 1, "the tiny tokenizer splits this emoji into byte tokens"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.push(ids[:-1]) == ""
+    assert detok.push(ids[-1:]) == "🙂"
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, emitted",
+    [
+        (["Hello wor", "ld. Bye"], ["world"], "Hello "),
+        (["abc", "STO", "P tail"], ["STOP"], "abc"),
+        (["ST", "AY here"], ["STOP"], "STAY here"),
+        (["one\n", "\ntwo"], ["\n\n", "two"], "one"),
+        (["no stops here"], [], "no stops here"),
+    ],
+)
+def test_stop_matcher(pieces, stops, emitted):
+    matcher = StopMatcher(stops)
+    out = "".join(matcher.feed(p) for p in pieces)
+    if not matcher.stopped:
+        out += matcher.flush()
+    assert out == emitted
+
+
+def test_stop_prefix_is_held_until_it_is_decided():
+    matcher = StopMatcher(["END"])
+    assert matcher.feed("text E") == "text "
+    assert matcher.feed("N") == ""
+    assert matcher.feed("X") == "ENX"
