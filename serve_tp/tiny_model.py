@@ -37,11 +37,13 @@ def build_tiny_gpt2(
     n_embd: int = 96,
     n_positions: int = 256,
     vocab_size: int = 600,
+    model_vocab_size: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a GPT-2 directory loadable with from_pretrained; returns its path.
 
-    6 heads split over 2 and 3 ranks. A wide initializer makes the random logits peaked,
+    6 heads split over 2 and 3 ranks. `model_vocab_size` pads the embedding beyond the
+    tokenizer (e.g. 50257) to give the model GPT-2's real shape for GPU measurements. A wide initializer makes the random logits peaked,
     so greedy decoding is decided by clear margins rather than rounding noise.
     """
     import torch
@@ -51,7 +53,7 @@ def build_tiny_gpt2(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         n_positions=n_positions,
         n_embd=n_embd,
         n_layer=n_layer,
@@ -74,10 +76,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--embd", type=int, default=96)
+    parser.add_argument("--positions", type=int, default=256)
+    parser.add_argument("--model-vocab", type=int, default=None, help="pad the vocabulary to this size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    path = build_tiny_gpt2(args.out_dir, n_layer=args.layers, n_head=args.heads, n_embd=args.embd, seed=args.seed)
+    path = build_tiny_gpt2(args.out_dir, n_layer=args.layers, n_head=args.heads, n_embd=args.embd,
+                           n_positions=args.positions, model_vocab_size=args.model_vocab, seed=args.seed)
     print(path)
 
 

@@ -25,7 +25,7 @@ def _greedy(batch, prompts: list[list[int]], steps: int):
     return tokens, first_logits
 
 
-def _rank_main(rank, world_size, port, model_dir, prompts, steps, results):
+def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, device_type, dtype):
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
@@ -33,21 +33,26 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results):
         from serve_tp.distributed import init_tp_comm
         from serve_tp.worker import load_sharded_model
 
-        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, "gloo", 120)
-        model = load_sharded_model(model_dir, "float32", torch.device("cpu"), rank, world_size, comm.all_reduce)
-        tokens, logits = _greedy(SequenceBatch(model, torch.device("cpu")), prompts, steps)
-        results.put((rank, tokens, logits.numpy(), None))
+        device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120)
+        model = load_sharded_model(model_dir, dtype, device, rank, world_size, comm.all_reduce)
+        tokens, logits = _greedy(SequenceBatch(model, device), prompts, steps)
+        results.put((rank, tokens, logits.cpu().numpy(), None))
     except Exception:
         results.put((rank, None, None, traceback.format_exc()))
 
 
-def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int):
+def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int,
+           device: str = "cpu", dtype: str = "float32"):
     """Rank 0's greedy tokens and first-step logits; every rank's failure is raised."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port("127.0.0.1")
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results))
+        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results, device, dtype))
         for r in range(world_size)
     ]
     for p in procs:

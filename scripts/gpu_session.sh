@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU step of a session, in one call on a 2-GPU device machine:
+#   run(command="bash scripts/gpu_session.sh", carry=[".whl"], kind="nvidia-h100-x2")
+# Builds a GPT-2-small-shaped random model (12 layers, 12 heads, 768 wide, vocab 50257:
+# the device has no Hub), proves TP=2 correctness, then benchmarks.
+set -uo pipefail
+source .whl/install.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+nvidia-smi -L
+python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+M=/tmp/gpt2-small-shape
+python3 -m serve_tp.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
+echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
+echo "== benchmark"; ${BENCH_CMD:-true}
