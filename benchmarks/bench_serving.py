@@ -93,22 +93,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+FILLER = "The quick brown fox jumps over the lazy dog. "
+FILLER_GPT2_TOKENS = 10  # what GPT-2's BPE makes of FILLER
+
+
 def build_prompt(args: argparse.Namespace) -> tuple[str, Optional[int]]:
     """The fixed prompt and its token count (None when no tokenizer is at hand).
 
-    A repeated common word, cut to exactly --prompt-tokens tokens with the model's tokenizer;
-    without one, " the" repeated, which GPT-2's BPE encodes as one token each.
+    An ordinary sentence repeated, cut to exactly --prompt-tokens tokens with the model's
+    tokenizer; without one, repeated to about that many GPT-2 tokens (the server's `usage`
+    reports the real count). Not one word repeated: a random test model answers that
+    mostly with EOS, which streams no visible text.
     """
     if args.prompt is not None and not args.model:
         return args.prompt, None
     if not args.model:
-        return " the" * args.prompt_tokens, None
+        return (FILLER * -(-args.prompt_tokens // FILLER_GPT2_TOKENS)).strip(), None
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     if args.prompt is not None:
         return args.prompt, len(tok(args.prompt)["input_ids"])
-    ids = tok(" the" * args.prompt_tokens)["input_ids"][: args.prompt_tokens]
+    ids = tok(FILLER * args.prompt_tokens)["input_ids"][: args.prompt_tokens]
     text = tok.decode(ids)
     return text, len(tok(text)["input_ids"])
 
@@ -280,6 +286,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         apps.stop()
     table = report.markdown_table(rows)
     print("\n" + table)
+    for r in rows:
+        if r.get("no_visible_text"):
+            print(f"note ({r['target']}, concurrency {r['concurrency']}): {r['no_visible_text']} requests streamed "
+                  "no visible text (all tokens decode to ''): TTFT is their first choice chunk, no TPOT")
+        for err in r["error_samples"]:
+            print(f"error ({r['target']}, concurrency {r['concurrency']}): {err}")
     if args.out:
         for path in report.write_outputs(Path(args.out), run_info, rows):
             print(f"wrote {path}")

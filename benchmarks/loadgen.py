@@ -32,6 +32,7 @@ class RequestResult:
     prompt_tokens: Optional[int] = None
     text_chunks: int = 0
     tokens_from_usage: bool = False
+    no_visible_text: bool = False  # every token decoded to "" (e.g. EOS past ignore_eos)
 
     @property
     def tpot(self) -> Optional[float]:
@@ -64,7 +65,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300].decode(errors='replace')}"
                 return res
-            done = False
+            done, first_choice = False, None
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -77,6 +78,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
                     res.error = f"error chunk: {json.dumps(chunk['error'])[:300]}"
                     return res
                 now = time.perf_counter() - start
+                if chunk.get("choices") and first_choice is None:
+                    first_choice = now
                 if any(c.get("text") for c in chunk.get("choices") or []):
                     res.text_chunks += 1
                     res.last_token = now
@@ -93,9 +96,14 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
                 return res
             if not res.tokens_from_usage:
                 res.output_tokens = res.text_chunks  # one token per chunk, as servers stream by default
+            if res.ttft is None and first_choice is not None:
+                # Tokens that decode to "" (special tokens; a random model past EOS) are not
+                # streamed, so the first choice that came is the first the client could see.
+                res.ttft = res.last_token = first_choice
+                res.no_visible_text = True
             res.ok = res.ttft is not None
             if not res.ok:
-                res.error = "no text in the stream"
+                res.error = "no choices in the stream"
     except Exception as exc:  # timeouts, refused connections, broken streams: all count as errors
         res.error = f"{type(exc).__name__}: {exc}"[:300]
     return res
@@ -169,6 +177,7 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], durat
         "latency_p50_s": percentile(latency, 50),
         "latency_p99_s": percentile(latency, 99),
         "single_chunk": bool(ok) and all(r.text_chunks == 1 for r in ok),
+        "no_visible_text": sum(r.no_visible_text for r in ok),
         "tokens_counted_by": "usage" if ok and all(r.tokens_from_usage for r in ok) else "chunks",
         "error_samples": sorted(set(errors))[:5],
         "per_request": [{**asdict(r), "tpot": r.tpot} for r in results],
