@@ -67,6 +67,7 @@ class InferenceWorker:
         self.info = {
             "rank": self.rank,
             "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -126,7 +127,7 @@ class InferenceWorker:
             reason = f"no step for {age:.0f}s with work queued"
         elif self.rank != 0 and age > stall:
             reason = f"no plan from rank 0 for {age:.0f}s"
-        return {"rank": self.rank, "healthy": reason is None, "reason": reason, **engine.load()}
+        return {**self.info, "healthy": reason is None, "reason": reason, **engine.load()}
 
     def shutdown(self) -> None:
         if self.engine is not None:
