@@ -7,6 +7,7 @@ dial that address. Nothing guesses a random port, so no restart loop is needed.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -45,13 +46,19 @@ class TPComm:
 
 
 def init_tp_comm(
-    rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float
+    rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float,
+    cuda_index: int = 0,
 ) -> TPComm:
-    """Join the group (blocks until every rank has joined) and make the control group."""
+    """Join the group (blocks until every rank has joined) and make the control group.
+
+    `cuda_index` is this rank's visible GPU (0 inside a Ray actor, whose
+    CUDA_VISIBLE_DEVICES holds one GPU); DeepSpeed binds NCCL to it via LOCAL_RANK.
+    """
     if world_size == 1:
         return TPComm(rank, 1, None)
     import deepspeed
 
+    os.environ["LOCAL_RANK"] = str(cuda_index)
     timeout = datetime.timedelta(seconds=timeout_s)
     deepspeed.init_distributed(
         dist_backend=backend,

@@ -37,7 +37,7 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, devic
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120)
+        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120, cuda_index=device.index or 0)
         model = load_sharded_model(model_dir, dtype, device, rank, world_size, comm.all_reduce)
         tokens, logits = _greedy(SequenceBatch(model, device), prompts, steps)
         results.put((rank, tokens, logits.cpu().numpy(), None))
