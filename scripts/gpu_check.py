@@ -65,6 +65,7 @@ def main():
         ranks_agree = got[1][0] == tp_tokens
         divs = [first_divergence(a, b) for a, b in zip(tp_tokens, refs[dtype])]
         rows.append(f"| engine TP=2 NCCL | {dtype} | {same}/{len(prompts)} | {divs} | {ranks_agree} | {time.monotonic()-t:.1f}s |")
+        print(rows[-1], flush=True)
         if dtype == "float32" and same != len(prompts):
             ok = False
 
