@@ -13,4 +13,9 @@ M=/tmp/gpt2-small-shape
 python3 -m serve_tp.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
 echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
-echo "== benchmark"; ${BENCH_CMD:-true}
+B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --prompt-tokens 32 --max-tokens 64 --level-timeout-s 45"
+echo "== benchmark: serve_tp and one-process HF generate"
+$B --targets serve_tp,hf --start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 \
+   --concurrency ${LEVELS:-1,8,32,128} --requests-per-client 2 --out "$OUT/bench_serve_tp" 2>&1 | grep -v "WARNING\|Warning" | tail -14
+echo "== benchmark: the tutorial's serving (one request at a time, generate per request)"
+$B --targets tutorial --concurrency ${TUTORIAL_LEVELS:-1,8,32} --requests-per-client 1 --out "$OUT/bench_tutorial" 2>&1 | grep -v "WARNING\|Warning" | tail -10
