@@ -17,6 +17,13 @@ from serve_tp.protocol import CompletionRequest
 from serve_tp.tp_group import RankFailure, TPGroup
 
 SEED_MASK = 2**64 - 1
+# Float32 guards for rank 0's sampler. logits / 1e-40 overflow to inf, and a top_p under
+# float32's smallest subnormal (1.4e-45) rounds to 0 and masks every token; either way
+# softmax gives NaN, torch.multinomial raises inside the engine loop, and the whole TP group
+# dies for every client. Below 1e-5 a temperature is greedy (as vLLM's _SAMPLING_EPS); a
+# top_p below 1/vocabulary keeps only the top token, so raising it to 1e-8 changes nothing.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-8
 
 
 @dataclass
@@ -71,7 +78,9 @@ class CompletionService:
             raise APIError(400, f"at most {cfg.max_stop_sequences} stop sequences, got {len(stops)}", param="stop")
         max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens
         temperature = req.temperature if req.temperature is not None else cfg.default_temperature
-        top_p = req.top_p if req.top_p is not None else cfg.default_top_p
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0
+        top_p = max(req.top_p if req.top_p is not None else cfg.default_top_p, MIN_TOP_P)
         jobs = []
         for p_index, prompt in enumerate(prompts):
             if not prompt:
