@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -28,6 +29,21 @@ api = FastAPI(title="serve_tp", description="OpenAI-compatible completions, tens
 install_handlers(api)
 
 _COMPLETION_SCHEMA = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_COMPLETION_DEFS = _COMPLETION_SCHEMA.pop("$defs", {})
+
+
+def _openapi() -> dict:
+    """FastAPI's document plus the completions body, which the route parses itself."""
+    if api.openapi_schema is None:
+        doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(_COMPLETION_DEFS)
+        schemas["CompletionRequest"] = _COMPLETION_SCHEMA
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 @serve.deployment
@@ -78,10 +94,16 @@ class InferenceDeployment:
     @api.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _COMPLETION_SCHEMA}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}},
     )
     async def completions(self, request: Request):
         self._authorize(request)
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            # A text/plain or form POST is one a web page may send cross-site without preflight.
+            raise APIError(415, f"Content-Type must be application/json, got '{content_type}'",
+                           code="unsupported_media_type")
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise APIError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")

@@ -217,8 +217,16 @@ class EngineLoop:
         if not logits:
             return
         seqs = [self._active[sid] for sid in rows]
-        tokens = sample_tokens(torch.cat(logits), [s.params for s in seqs], [s.generator for s in seqs])
+        all_logits = torch.cat(logits)
+        try:
+            tokens = sample_tokens(all_logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # one sequence's params must not take the whole group down
+            tokens = [self._sample_one(all_logits[i:i + 1], seq) for i, seq in enumerate(seqs)]
         for seq, token in zip(seqs, tokens):
+            if token is None:
+                self._to_evict.append(seq.seq_id)
+                seq.sink(StepOutput([], "error", error="sampling failed for this sequence"))
+                continue
             seq.generated += 1
             finish = None
             if token == self.eos_token_id and not seq.params.ignore_eos:
@@ -235,6 +243,13 @@ class EngineLoop:
                 # EOS counts as a completion token (as vLLM and OpenAI count it); the
                 # detokenizer skips it as a special token.
                 seq.sink(StepOutput([token], finish))
+
+    def _sample_one(self, logits: torch.Tensor, seq: _Sequence) -> Optional[int]:
+        try:
+            return sample_tokens(logits, [seq.params], [seq.generator])[0]
+        except Exception:
+            logger.exception("sampling failed for sequence %s", seq.seq_id)
+            return None
 
     def _fail_all(self, message: str) -> None:
         with self._cond:

@@ -230,11 +230,6 @@ def unresolved_refs(node, doc) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deployment.py inlines CompletionRequest.model_json_schema(ref_template='#/components/schemas/{model}') "
-    "as the requestBody but leaves StreamOptions under the inline $defs, so "
-    "'#/components/schemas/StreamOptions' resolves to nothing: clients and fuzzers built from "
-    "/openapi.json cannot use the completions body schema."))
 def test_openapi_document_refs_resolve(serve_app):
     doc = served_openapi(serve_app)
     assert unresolved_refs(doc, doc) == []
@@ -242,14 +237,8 @@ def test_openapi_document_refs_resolve(serve_app):
 
 @pytest.fixture(scope="module")
 def api_schema(serve_app):
-    """The app's own OpenAPI document, with the inline `$defs` of the completions body moved
-    to components/schemas where its refs point (see the xfail above); without this,
-    schemathesis cannot build a body and would send one empty request."""
+    """The app's own OpenAPI document, as served."""
     doc = served_openapi(serve_app)
-    for path_item in doc["paths"].values():
-        for operation in path_item.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                doc["components"]["schemas"].update(media["schema"].pop("$defs", {}))
     assert unresolved_refs(doc, doc) == []
     return schemathesis.openapi.from_dict(doc)
 
@@ -320,7 +309,7 @@ HOSTILE = {
     "minus_infinity_penalty": (b'{"prompt": "hi", "presence_penalty": -Infinity}', {}, 400, None),
     "float_1e999": (b'{"prompt": "hi", "temperature": 1e999}', {}, 400, "temperature"),
     "form_encoded": (b"prompt=hi&max_tokens=3", {"content-type": "application/x-www-form-urlencoded"},
-                     400, None),
+                     415, None),
     "prompt_200k_chars": (json.dumps({"prompt": "a" * 200_000}).encode(), {}, 400, "prompt"),
     "prompt_list_10k": (json.dumps({"prompt": ["hi"] * 10_000}).encode(), {}, 400, "prompt"),
     "stop_1000": (json.dumps({"prompt": "hi", "stop": ["x"] * 1000}).encode(), {}, 400, "stop"),
@@ -340,10 +329,6 @@ def test_hostile_body_is_a_4xx_in_the_error_shape(serve_app, name):
     assert_error(post(serve_app, content=body, headers=headers), status, param)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deployment.py parses any body as JSON whatever its Content-Type; a text/plain POST is a "
-    "CORS 'simple request' a web page can send cross-site without preflight (FastAPI rejects "
-    "non-JSON content types for this reason). Fix belongs in deployment.py: 415."))
 def test_json_sent_as_text_plain_is_415(serve_app):
     r = post(serve_app, content=b'{"prompt": "hi", "max_tokens": 1}', headers={"content-type": "text/plain"})
     assert_error(r, 415)
