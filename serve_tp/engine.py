@@ -59,6 +59,28 @@ class _Sequence:
     next_token: Optional[int] = None
 
 
+class StepTimings:
+    """Where rank 0's working steps spend their time, averaged over the last window."""
+
+    WINDOW = 256
+
+    def __init__(self):
+        self._sums = [0.0, 0.0, 0.0]
+        self._count = 0
+
+    def add(self, broadcast_s: float, forward_s: float, sample_s: float) -> None:
+        if self._count >= self.WINDOW:
+            self._sums, self._count = [0.0, 0.0, 0.0], 0
+        for i, value in enumerate((broadcast_s, forward_s, sample_s)):
+            self._sums[i] += value
+        self._count += 1
+
+    def averages_ms(self) -> dict:
+        n = max(self._count, 1)
+        names = ("broadcast", "forward", "sample_and_emit")
+        return {name: round(1000 * total / n, 3) for name, total in zip(names, self._sums)}
+
+
 def execute(batch: SequenceBatch, plan: StepPlan) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run one plan on this rank's batch; returns (decode logits, admit logits)."""
     if plan.evict:
@@ -100,6 +122,7 @@ class EngineLoop:
         self._cancelled: set[str] = set()
         self._to_evict: list[str] = []
         self._stopping = False
+        self._timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name=f"engine-rank{rank}", daemon=True)
 
     # ---- called from the actor's threads ----
@@ -134,7 +157,8 @@ class EngineLoop:
         return bool(self._pending or self._active)
 
     def load(self) -> dict:
-        return {"running": len(self._active), "waiting": len(self._pending), "steps": self.steps}
+        return {"running": len(self._active), "waiting": len(self._pending), "steps": self.steps,
+                "step_ms": self._timings.averages_ms()}
 
     # ---- the loop ----
     def _run(self) -> None:
@@ -158,13 +182,20 @@ class EngineLoop:
             self.steps += 1
 
     def _lead(self) -> None:
+        clock = time.perf_counter
         while True:
             plan = self._next_plan()
+            t0 = clock()
             self.broadcast(plan)
             if plan.shutdown:
                 return
+            t1 = clock()
             decode_logits, admit_logits = execute(self.batch, plan)
+            t2 = clock()
             self._sample(plan, decode_logits, admit_logits)
+            t3 = clock()
+            if plan.decode_tokens or plan.admit:
+                self._timings.add(t1 - t0, t2 - t1, t3 - t2)
             self.last_step_at = time.monotonic()
             self.steps += 1
 
