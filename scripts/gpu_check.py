@@ -5,7 +5,9 @@
 1. one unsharded process on cuda:0, greedy by full forward passes (no KV cache);
 2. the TP engine on 2 GPUs (NCCL, our shards under deepspeed.init_inference), the prompts
    decoded together as one left-padded batch, in fp32 and fp16;
-3. the real Serve app (TP=2, device=cuda, fp16) over HTTP with the openai client.
+3. the real Serve app (TP=2, device=cuda) over HTTP, in fp32 and fp16;
+4. a control: fp16 unsharded with its KV cache (HF generate) against fp16 without cache,
+   to show how far fp16 rounding alone moves greedy tokens on this random model.
 Prints a table; exits non-zero if fp32 TP=2 tokens differ from the unsharded ones.
 """
 
@@ -69,7 +71,22 @@ def main():
         if dtype == "float32" and same != len(prompts):
             ok = False
 
-    import openai
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(args.model, torch_dtype=torch.float16).cuda().eval()
+    cached = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=args.steps, min_new_tokens=args.steps,
+                             do_sample=False, pad_token_id=0, attention_mask=torch.ones(1, len(ids), device="cuda"))
+        cached.append(out[0, len(ids):].tolist())
+    del model
+    torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(cached, refs["float16"]))
+    divs = [first_divergence(a, b) for a, b in zip(cached, refs["float16"])]
+    rows.append(f"| control: unsharded HF generate (KV cache) | float16 | {same}/{len(prompts)} | {divs} | - | - |")
+    print(rows[-1], flush=True)
+
+    import httpx
     import ray
     from ray import serve
 
@@ -77,21 +94,27 @@ def main():
 
     ray.init(num_gpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    t = time.monotonic()
-    serve.run(build_app({"model": args.model, "tensor_parallel_size": 2, "device": "cuda", "dtype": "float16"}),
-              name="serve_tp", route_prefix="/")
-    startup = time.monotonic() - t
-    import httpx
-
-    health = httpx.get("http://127.0.0.1:8000/health", timeout=30).json()
-    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x", max_retries=0)
-    texts = [client.completions.create(model=Path(args.model).name, prompt=p, max_tokens=args.steps,
-                                       temperature=0, extra_body={"ignore_eos": True}).choices[0].text
-             for p in PROMPTS]
-    ref_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in refs["float16"]]
-    same = sum(a == b for a, b in zip(texts, ref_texts))
-    rows.append(f"| HTTP serve_tp TP=2 | float16 | {same}/{len(prompts)} (text) | - | - | startup {startup:.1f}s |")
-    print("\nranks:", [(r["rank"]) for r in health["ranks"]])
+    for dtype in ("float32", "float16"):
+        t = time.monotonic()
+        serve.run(build_app({"model": args.model, "tensor_parallel_size": 2, "device": "cuda", "dtype": dtype}),
+                  name="serve_tp", route_prefix="/")
+        startup = time.monotonic() - t
+        health = httpx.get("http://127.0.0.1:8000/health", timeout=30).json()
+        texts = []
+        for p in PROMPTS:
+            r = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=120, json={
+                "prompt": p, "max_tokens": args.steps, "temperature": 0, "ignore_eos": True})
+            r.raise_for_status()
+            texts.append(r.json()["choices"][0]["text"])
+        ref_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in refs[dtype]]
+        same = sum(a == b for a, b in zip(texts, ref_texts))
+        rows.append(f"| HTTP serve_tp TP=2 (NCCL, 2 rank actors) | {dtype} | {same}/{len(prompts)} (text) | - | - "
+                    f"| startup {startup:.1f}s |")
+        print(rows[-1], flush=True)
+        print("ranks:", [(r["rank"], r["device"], r["cuda_visible_devices"], r["backend"]) for r in health["ranks"]])
+        if dtype == "float32" and same != len(prompts):
+            ok = False
+        serve.delete("serve_tp")
     import subprocess
 
     print(subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.used", "--format=csv"],

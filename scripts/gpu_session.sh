@@ -13,7 +13,13 @@ M=/tmp/gpt2-small-shape
 python3 -m serve_tp.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
 echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
-B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --prompt-tokens 32 --max-tokens 64 --level-timeout-s 45"
+# For speed: the same layer shape with the tokenizer's own vocabulary, so that every
+# generated token is visible text and the client can time each one.
+MB=/tmp/gpt2-small-layers
+python3 -m serve_tp.tiny_model $MB --layers 12 --heads 12 --embd 768 --positions 1024 >/dev/null
+echo "== profile: raw decode steps"
+for TP in 1 2; do python3 scripts/gpu_profile.py --model $M --tp $TP 2>&1 | grep "^|" | tee -a "$OUT/profile.md"; done
+B="python3 benchmarks/bench_serving.py --model $MB --tensor-parallel-size 2 --device cuda --prompt-tokens 32 --max-tokens 64 --level-timeout-s 45"
 echo "== benchmark: serve_tp and one-process HF generate"
 $B --targets serve_tp,hf --start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 \
    --concurrency ${LEVELS:-1,8,32,128} --requests-per-client 2 --out "$OUT/bench_serve_tp" 2>&1 | grep -v "WARNING\|Warning" | tail -14
