@@ -11,7 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
+from serve_tp.admission import serve_routing_limit
 from serve_tp.auth import api_key_digest
 from serve_tp.config import ServeTPConfig
 from serve_tp.deployment import InferenceDeployment
@@ -52,11 +54,30 @@ def resolve_device(config: ServeTPConfig) -> str:
     return "cuda" if cluster_gpus() >= 1 else "cpu"
 
 
+def backpressure_options(config: ServeTPConfig) -> dict:
+    """Serve's limits, around the replica's own queue (serve_tp/admission.py).
+
+    The replica runs max_ongoing_requests and queues max_queued_requests itself, so that a
+    refusal carries our error shape. Serve's router keeps a queue of max_queued_requests
+    too, the only one while no replica is ready (starting, being replaced); its refusals
+    carry the same status and Retry-After but Serve's plain-text body. It also counts
+    requests it is still assigning, so a burst far larger than that queue is partly
+    refused there even when the replica has room.
+    """
+    if config.max_queued_requests < 0:  # unbounded: Serve's router holds the queue
+        return {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": -1}
+    return {
+        "max_ongoing_requests": serve_routing_limit(config.max_ongoing_requests, config.max_queued_requests),
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": BackpressureConfig(
+            status_code=config.overload_status_code, retry_after_s=config.overload_retry_after_s),
+    }
+
+
 def deployment_options(config: ServeTPConfig, device: str) -> dict:
     options = deployment_placement(config, device)
+    options.update(backpressure_options(config))
     options.update(
-        max_ongoing_requests=config.max_ongoing_requests,
-        max_queued_requests=config.max_queued_requests,
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
         graceful_shutdown_timeout_s=30,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -76,9 +76,19 @@ class ServeTPConfig(BaseModel):
     default_top_p: float = Field(1.0, gt=0, le=1)
 
     # --- limits ---
-    max_ongoing_requests: int = Field(64, ge=1, description="In flight per replica.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica runs at once (in the batch or the engine's queue)."
+    )
     max_queued_requests: int = Field(
-        256, ge=-1, description="Waiting at the proxy before clients get 503; -1 = unbounded."
+        256, ge=-1, description="Requests one replica holds waiting for a turn; past this it refuses "
+        "with overload_status_code and Retry-After at once. -1 = unbounded."
+    )
+    overload_status_code: int = Field(
+        503, description="Status of a refused request: 503 (the server is overloaded; clients and load "
+        "balancers retry elsewhere or later) or 429 (as TGI answers)."
+    )
+    overload_retry_after_s: int = Field(
+        1, ge=0, le=3600, description="Retry-After (seconds) on a refused request."
     )
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt).")
     max_prompts_per_request: int = Field(16, ge=1, description="Largest prompt list.")
@@ -91,6 +101,13 @@ class ServeTPConfig(BaseModel):
     stall_timeout_s: float = Field(
         60, gt=0, description="A rank with work that makes no step for this long is unhealthy."
     )
+
+    @field_validator("overload_status_code")
+    @classmethod
+    def _overload_status(cls, value: int) -> int:
+        if value not in (429, 503):
+            raise ValueError(f"must be 429 or 503, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _cpu_dtype(self) -> "ServeTPConfig":

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from serve_tp.admission import Admission
 from serve_tp.auth import authorized
 from serve_tp.config import ServeTPConfig
 from serve_tp.errors import APIError, error_response, from_validation_error, install_handlers
@@ -66,6 +67,8 @@ class InferenceDeployment:
         self.context_length = context_length(model_config)
         self.group = TPGroup(self.config, device)
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
+        self.admission = Admission(self.config.max_ongoing_requests, self.config.max_queued_requests,
+                                   self.config.overload_status_code, self.config.overload_retry_after_s)
         self.created = int(time.time())
         ranks = await self.group.start()
         logger.info(json.dumps({
@@ -104,6 +107,7 @@ class InferenceDeployment:
             # A text/plain or form POST is one a web page may send cross-site without preflight.
             raise APIError(415, f"Content-Type must be application/json, got '{content_type}'",
                            code="unsupported_media_type")
+        self.admission.check()  # refuse before reading and tokenizing: shedding must be cheap
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise APIError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
@@ -112,9 +116,12 @@ class InferenceDeployment:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         jobs = self.service.plan(req)
+        self.admission.check()  # again, exact after the awaits above; before a stream's 200
         if req.stream:
-            return StreamingResponse(self.service.stream(req, jobs), media_type="text/event-stream")
-        return JSONResponse(await self.service.complete(req, jobs))
+            return StreamingResponse(self.admission.wrap_stream(self.service.stream(req, jobs)),
+                                     media_type="text/event-stream")
+        async with self.admission.turn():
+            return JSONResponse(await self.service.complete(req, jobs))
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self, request: Request):
@@ -128,7 +135,10 @@ class InferenceDeployment:
         """The tutorial's route: the prompt followed by its greedy continuation."""
         self._authorize(request)
         req = CompletionRequest(prompt=text, temperature=0.0, max_tokens=self.config.default_max_tokens)
-        result = await self.service.complete(req, self.service.plan(req))
+        jobs = self.service.plan(req)
+        self.admission.check()
+        async with self.admission.turn():
+            result = await self.service.complete(req, jobs)
         return text + result["choices"][0]["text"]
 
     @api.get("/health")
@@ -137,4 +147,4 @@ class InferenceDeployment:
             ranks = await self.group.health()
         except RankFailure as exc:
             return error_response(APIError(503, f"unhealthy: {exc}", code="unhealthy"))
-        return {"status": "ok", "ranks": ranks}
+        return {"status": "ok", "ranks": ranks, "admission": self.admission.load()}
