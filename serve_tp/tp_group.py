@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -17,6 +17,9 @@ from serve_tp.config import ServeTPConfig
 from serve_tp.placement import rank_bundle_index, rank_resources
 
 logger = logging.getLogger(__name__)
+
+
+POLL_TIMEOUT_S = 0.5  # an idle poll returns empty this often, so the poller notices no one waits
 
 
 class RankFailure(RuntimeError):
@@ -62,6 +65,9 @@ class TPGroup:
                 ).remote(rank, config.tensor_parallel_size, settings)
             )
         self.rank_info: list[dict] = []
+        self._queues: dict[str, asyncio.Queue] = {}  # seq_id -> its outputs, filled by the poller
+        self._poller: Optional[asyncio.Task] = None
+        self._poll_failure: Optional[str] = None
 
     async def start(self) -> list[dict]:
         """Rank 0 picks an address on its node; all ranks join and load their shards."""
@@ -76,20 +82,44 @@ class TPGroup:
         return self.rank_info
 
     async def generate(self, seq_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
-        """Rank 0's stream of {"token_ids", "finish_reason", "error"} for one sequence."""
-        stream = self.workers[0].generate.options(num_returns="streaming").remote(seq_id, prompt_ids, params)
+        """One sequence's stream of {"token_ids", "finish_reason", "error"} from rank 0."""
+        if self._poll_failure is not None:
+            raise RankFailure(self._poll_failure)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[seq_id] = queue
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_loop())
         finished = False
         try:
-            async for ref in stream:
-                try:
-                    item = await ref
-                except ray.exceptions.RayError as exc:
-                    raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
+            try:
+                await self.workers[0].submit.remote(seq_id, prompt_ids, params)
+            except ray.exceptions.RayError as exc:
+                raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
                 finished = item["finish_reason"] is not None
                 yield item
         finally:
+            self._queues.pop(seq_id, None)
             if not finished:
                 self.cancel(seq_id)
+
+    async def _poll_loop(self) -> None:
+        """The replica's one reader of rank 0's outputs, fanned out to the waiting sequences."""
+        while self._queues:
+            try:
+                outputs = await self.workers[0].poll.remote(POLL_TIMEOUT_S)
+            except ray.exceptions.RayError as exc:
+                self._poll_failure = f"rank 0 failed: {type(exc).__name__}"
+                for queue in self._queues.values():
+                    queue.put_nowait(RankFailure(self._poll_failure))
+                return
+            for seq_id, item in outputs.items():
+                queue = self._queues.get(seq_id)
+                if queue is not None:
+                    queue.put_nowait(item)
 
     def cancel(self, seq_id: str) -> None:
         """Fire-and-forget: free the sequence's batch slot if it is still running."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,11 @@ class InferenceWorker:
         self.settings = settings  # the resolved fields of ServeTPConfig that ranks need
         self.engine = None
         self.info: dict = {}
+        self._outbox: dict[str, list] = {}  # seq_id -> outputs not yet polled (rank 0)
+        self._outbox_lock = threading.Lock()
+        self._signalled = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ready: Optional[asyncio.Event] = None
 
     def address(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a free port on it, for the others to dial."""
@@ -77,35 +83,44 @@ class InferenceWorker:
         }
         return self.info
 
-    async def generate(self, seq_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
-        """Rank 0: stream one sequence's tokens as {"token_ids", "finish_reason", "error"}.
-
-        Tokens produced while the caller was busy are coalesced into one item.
-        """
-        from serve_tp.engine import StepOutput
+    async def submit(self, seq_id: str, prompt_ids: list[int], params: dict) -> None:
+        """Rank 0: queue one sequence; its tokens come back through `poll`."""
         from serve_tp.sampling import SamplingParams
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        if self._ready is None:
+            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), lambda out: self._post(seq_id, out))
 
-        def sink(out: StepOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+    def _post(self, seq_id: str, out) -> None:
+        """Engine thread: file a sequence's output; wake `poll` once per burst, not per token."""
+        with self._outbox_lock:
+            self._outbox.setdefault(seq_id, []).append(out)
+            if self._signalled:
+                return
+            self._signalled = True
+        self._loop.call_soon_threadsafe(self._ready.set)
 
-        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), sink)
-        finished = False
+    async def poll(self, timeout_s: float) -> dict[str, dict]:
+        """Rank 0: every sequence's new tokens since the last poll, waiting up to `timeout_s`.
+
+        One call carries the whole batch's step (or several steps), so streaming costs one
+        Ray round trip per step instead of one per token per sequence.
+        """
+        if self._ready is None:
+            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
         try:
-            while not finished:
-                out = await queue.get()
-                token_ids, finish, error = list(out.token_ids), out.finish_reason, out.error
-                while finish is None and not queue.empty():
-                    more = queue.get_nowait()
-                    token_ids += more.token_ids
-                    finish, error = more.finish_reason, more.error
-                finished = finish is not None
-                yield {"token_ids": token_ids, "finish_reason": finish, "error": error}
-        finally:
-            if not finished:  # the caller went away: free the batch slot
-                self.engine.cancel(seq_id)
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return {}
+        with self._outbox_lock:
+            box, self._outbox, self._signalled = self._outbox, {}, False
+            self._ready.clear()
+        merged = {}
+        for seq_id, outs in box.items():
+            token_ids = [t for out in outs for t in out.token_ids]
+            last = outs[-1]
+            merged[seq_id] = {"token_ids": token_ids, "finish_reason": last.finish_reason, "error": last.error}
+        return merged
 
     def cancel(self, seq_id: str) -> None:
         if self.engine is not None:
