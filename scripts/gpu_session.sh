@@ -18,7 +18,9 @@ echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 |
 MB=/tmp/gpt2-small-layers
 python3 -m serve_tp.tiny_model $MB --layers 12 --heads 12 --embd 768 --positions 1024 >/dev/null
 echo "== profile: raw decode steps"
-for TP in 1 2; do python3 scripts/gpu_profile.py --model $M --tp $TP 2>&1 | grep "^|" | tee -a "$OUT/profile.md"; done
+for MODEL in $M $MB; do for TP in 1 2; do
+  echo "model $MODEL"; python3 scripts/gpu_profile.py --model $MODEL --tp $TP --batches 1,32,128 2>&1 | grep "^|" | tee -a "$OUT/profile.md"
+done; done
 B="python3 benchmarks/bench_serving.py --model $MB --tensor-parallel-size 2 --device cuda --prompt-tokens 32 --max-tokens 64 --level-timeout-s 45"
 echo "== benchmark: serve_tp and one-process HF generate"
 $B --targets serve_tp,hf --start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 \
