@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,7 +18,9 @@ from serve_tp.admission import Admission
 from serve_tp.auth import authorized
 from serve_tp.config import ServeTPConfig
 from serve_tp.errors import APIError, error_response, from_validation_error, install_handlers
+from serve_tp.metrics import RequestMetricsMiddleware, record_rank_health
 from serve_tp.model_source import check_model_shardable, context_length, read_model_config, resolve_model_dir
+from serve_tp.placement import rank_bundle_index, replica_bundles
 from serve_tp.protocol import CompletionRequest, CompletionResponse, ModelList
 from serve_tp.serving import CompletionService
 from serve_tp.tp_group import RankFailure, TPGroup
@@ -28,6 +31,7 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above max_prompt_chars of JSON-escaped te
 
 api = FastAPI(title="serve_tp", description="OpenAI-compatible completions, tensor parallel.")
 install_handlers(api)
+api.add_middleware(RequestMetricsMiddleware)
 
 _COMPLETION_SCHEMA = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 _COMPLETION_DEFS = _COMPLETION_SCHEMA.pop("$defs", {})
@@ -56,6 +60,8 @@ class InferenceDeployment:
         self.config = ServeTPConfig.model_validate(config)
         self.device = device
         self.api_key_digest = api_key_digest
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        api.state.served_model_name = self.config.model_name  # the request metrics' model tag
         started = time.monotonic()
         model_dir = resolve_model_dir(self.config.model, self.config.hf_revision)
         tokenizer_file = Path(model_dir) / "tokenizer.json"
@@ -71,17 +77,28 @@ class InferenceDeployment:
                                    self.config.overload_status_code, self.config.overload_retry_after_s)
         self.created = int(time.time())
         ranks = await self.group.start()
+        placement_group = ray.util.get_current_placement_group()
         logger.info(json.dumps({
             "event": "replica_started", "model": self.config.model, "served_as": self.config.model_name,
+            "replica": self.replica_id, "node_id": ray.get_runtime_context().get_node_id(),
             "device": self.device, "dtype": self.config.resolved_dtype(self.device),
             "tensor_parallel_size": self.config.tensor_parallel_size,
-            "placement_strategy": self.config.placement_strategy, "ranks": ranks,
+            "placement": {
+                "strategy": self.config.placement_strategy,
+                "bundles": replica_bundles(self.config, self.device),
+                "placement_group_id": placement_group.id.hex() if placement_group else None,
+            },
+            "ranks": [{**info, "bundle_index": rank_bundle_index(info["rank"])} for info in ranks],
+            "settings": self.config.model_dump(mode="json"),  # holds no secret: the API key is not in it
             "startup_s": round(time.monotonic() - started, 1),
         }))
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the whole replica."""
-        await self.group.health()
+        try:
+            await self.group.health()
+        finally:
+            record_rank_health(self.config.model_name, self.replica_id, self.group.rank_healthy)
 
     def __del__(self):
         group = getattr(self, "group", None)

@@ -105,6 +105,7 @@ class EngineLoop:
         max_context: int,
         max_batch_size: int,
         batch_wait_s: float,
+        on_step: Optional[Callable[[int, int, int], None]] = None,
     ):
         self.batch = batch
         self.broadcast = broadcast
@@ -113,6 +114,7 @@ class EngineLoop:
         self.max_context = max_context
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step
         self.failure: Optional[BaseException] = None
         self.last_step_at = time.monotonic()
         self.steps = 0
@@ -198,6 +200,8 @@ class EngineLoop:
                 self._timings.add(t1 - t0, t2 - t1, t3 - t2)
             self.last_step_at = time.monotonic()
             self.steps += 1
+            if self.on_step is not None:
+                self.on_step(len(plan.decode_tokens) + len(plan.admit), len(self._pending), len(self._active))
 
     def _next_plan(self) -> StepPlan:
         with self._cond:

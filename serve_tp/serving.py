@@ -13,6 +13,7 @@ from typing import AsyncIterator, Optional
 from serve_tp.config import ServeTPConfig
 from serve_tp.detokenize import IncrementalDetokenizer, StopMatcher
 from serve_tp.errors import APIError, error_body
+from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
 from serve_tp.protocol import CompletionRequest
 from serve_tp.tp_group import RankFailure, TPGroup
 
@@ -51,6 +52,7 @@ class CompletionService:
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.context_length = context_length
         self.group = group
+        self.metric_tags = model_tags(config.model_name)
 
     # ---- validation ----
     def check_model(self, requested: Optional[str]) -> None:
@@ -111,7 +113,8 @@ class CompletionService:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(job.stops)
         produced = 0
-        async for item in self.group.generate(f"{request_id}-{job.index}", job.prompt_ids, job.params):
+        items = self.group.generate(f"{request_id}-{job.index}", job.prompt_ids, job.params)
+        async for item in self._timed(items):
             if item["error"]:
                 raise APIError(503, f"the model group failed while generating: {item['error']}",
                                code="engine_failure", headers={"Retry-After": "5"})
@@ -131,6 +134,20 @@ class CompletionService:
                 return
             if text:
                 yield TextDelta(job.index, text, None, produced)
+
+    async def _timed(self, items: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        """Rank 0's items for one sequence, timed as they arrive (TTFT, TPOT, tokens)."""
+        timer = SequenceTimer(self.metric_tags)
+        try:
+            async for item in items:
+                timer.tokens_arrived(len(item["token_ids"]))
+                yield item
+        finally:
+            timer.finished()
+
+    def _count_prompt_tokens(self, req: CompletionRequest, jobs: list[SequenceJob]) -> None:
+        # Once per prompt, not per choice, as `usage` counts them.
+        PROMPT_TOKENS.inc(sum(len(j.prompt_ids) for j in jobs[:: req.n]), self.metric_tags)
 
     async def _merged(self, jobs: list[SequenceJob], request_id: str) -> AsyncIterator[TextDelta]:
         """All sequences of a request, interleaved as their tokens arrive."""
@@ -166,6 +183,7 @@ class CompletionService:
     # ---- responses ----
     async def complete(self, req: CompletionRequest, jobs: list[SequenceJob]) -> dict:
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self._count_prompt_tokens(req, jobs)
         texts = {job.index: (job.prompt_text if req.echo else "") for job in jobs}
         finish, tokens = {}, {}
         async with self._deadline():
@@ -190,6 +208,7 @@ class CompletionService:
         Errors after the 200 has gone out can only be told in-band, as an error event.
         """
         request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.model_name
+        self._count_prompt_tokens(req, jobs)
 
         def chunk(index: int, text: str, finish: Optional[str]) -> str:
             body = {"id": request_id, "object": "text_completion", "created": created, "model": model,

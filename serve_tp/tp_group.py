@@ -36,6 +36,7 @@ class TPGroup:
         self.device = device
         settings = {
             "model": config.model,
+            "served_model_name": config.model_name,  # the model tag of rank 0's metrics
             "hf_revision": config.hf_revision,
             "device": device,
             "dtype": config.resolved_dtype(device),
@@ -68,6 +69,7 @@ class TPGroup:
         self._queues: dict[str, asyncio.Queue] = {}  # seq_id -> its outputs, filled by the poller
         self._poller: Optional[asyncio.Task] = None
         self._poll_failure: Optional[str] = None
+        self.rank_healthy: list[bool] = [False] * config.tensor_parallel_size  # as of the last health()
 
     async def start(self) -> list[dict]:
         """Rank 0 picks an address on its node; all ranks join and load their shards."""
@@ -129,20 +131,26 @@ class TPGroup:
             pass
 
     async def health(self) -> list[dict]:
-        """Every rank's health, within the health-check timeout; raises if one is bad."""
+        """Every rank's health, within the health-check timeout; raises if one is bad.
+
+        Each rank is asked on its own so `rank_healthy` can say which one failed.
+        """
         timeout = self.config.health_check_timeout_s / 2
-        try:
-            reports = await asyncio.wait_for(
-                asyncio.gather(*[w.health.remote() for w in self.workers]), timeout
-            )
-        except asyncio.TimeoutError as exc:
-            raise RankFailure(f"a rank did not answer its health check within {timeout:.0f}s") from exc
-        except ray.exceptions.RayError as exc:
-            raise RankFailure(f"a rank is gone: {type(exc).__name__}") from exc
-        bad = [r for r in reports if not r["healthy"]]
+        results = await asyncio.gather(
+            *[asyncio.wait_for(w.health.remote(), timeout) for w in self.workers], return_exceptions=True
+        )
+        self.rank_healthy = [isinstance(r, dict) and bool(r["healthy"]) for r in results]
+        for rank, result in enumerate(results):
+            if isinstance(result, asyncio.TimeoutError):
+                raise RankFailure(f"rank {rank} did not answer its health check within {timeout:.0f}s")
+            if isinstance(result, ray.exceptions.RayError):
+                raise RankFailure(f"rank {rank} is gone: {type(result).__name__}") from result
+            if isinstance(result, BaseException):
+                raise result
+        bad = [r for r in results if not r["healthy"]]
         if bad:
             raise RankFailure("; ".join(f"rank {r['rank']}: {r['reason']}" for r in bad))
-        return reports
+        return results
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -46,6 +46,7 @@ class InferenceWorker:
         from serve_tp.batch import SequenceBatch
         from serve_tp.distributed import init_tp_comm
         from serve_tp.engine import EngineLoop
+        from serve_tp.metrics import EngineMetrics
         from serve_tp.model_source import resolve_model_dir
 
         started = time.monotonic()
@@ -66,6 +67,7 @@ class InferenceWorker:
             max_context=model.config.n_positions,
             max_batch_size=s["max_batch_size"],
             batch_wait_s=s["batch_wait_timeout_s"],
+            on_step=EngineMetrics(s["served_model_name"]).step if self.rank == 0 else None,
         )
         self.engine.start()
         import ray
