@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 
-def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
+def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, plain=False):
     from serve_tp.batch import SequenceBatch
     from serve_tp.distributed import init_tp_comm
     from serve_tp.worker import load_sharded_model
@@ -27,7 +27,15 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     comm = init_tp_comm(rank, world, "127.0.0.1", port, "nccl", 120, cuda_index=rank)
-    model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
+    if plain:  # control: the same module without deepspeed.init_inference
+        from transformers import GPT2LMHeadModel
+
+        from serve_tp.tp_gpt2 import shard_gpt2
+
+        model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        model = shard_gpt2(model.eval(), world, rank, comm.all_reduce).to(device)
+    else:
+        model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
     results = {}
     for batch_size in batches:
         batch = SequenceBatch(model, device)
@@ -59,6 +67,7 @@ def main():
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--plain", action="store_true", help="skip deepspeed.init_inference (control)")
     args = parser.parse_args()
     from serve_tp.distributed import free_port
 
@@ -66,14 +75,15 @@ def main():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=rank_main, args=(r, args.tp, port, args.model, args.dtype, batches, args.steps, out))
+    procs = [ctx.Process(target=rank_main, args=(r, args.tp, port, args.model, args.dtype, batches, args.steps, out, args.plain))
              for r in range(args.tp)]
     for p in procs:
         p.start()
     results = out.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
-    print(f"\n| TP | dtype | batch | forward ms/step (synced) | plan broadcast ms |")
+    print(f"\ndeepspeed.init_inference: {not args.plain}")
+    print(f"| TP | dtype | batch | forward ms/step (synced) | plan broadcast ms |")
     print("|---|---|---|---|---|")
     for b in batches:
         print(f"| {args.tp} | {args.dtype} | {b} | {results[b]:.2f} | {results[f'broadcast_{b}']:.3f} |")
