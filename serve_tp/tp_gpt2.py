@@ -29,13 +29,9 @@ class RowParallelConv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
-        partial = torch.mm(x.reshape(-1, x.size(-1)), self.weight)
-        # Sum the ranks' partials in fp32: an fp16 sum would round once more per rank than
-        # the unsharded GEMM, whose accumulator is fp32. The activation is small (tokens x
-        # hidden), so the wider all-reduce costs little.
-        total = partial.float()
-        self._all_reduce(total)
-        return (total + self.bias).to(partial.dtype).view(size_out)
+        out = torch.mm(x.reshape(-1, x.size(-1)), self.weight)
+        self._all_reduce(out)
+        return (out + self.bias).view(size_out)
 
 
 def _set_conv(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
