@@ -51,6 +51,21 @@ def _openapi() -> dict:
 api.openapi = _openapi
 
 
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes MAX_BODY_BYTES (never read whole)."""
+    too_big = APIError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @serve.deployment
 @serve.ingress(api)
 class InferenceDeployment:
@@ -125,9 +140,7 @@ class InferenceDeployment:
             raise APIError(415, f"Content-Type must be application/json, got '{content_type}'",
                            code="unsupported_media_type")
         self.admission.check()  # refuse before reading and tokenizing: shedding must be cheap
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+        body = await read_body(request)
         try:
             req = CompletionRequest.model_validate_json(body)
         except ValidationError as exc:
