@@ -1,0 +1,62 @@
+"""Settings fail at build time, naming the field; a model that cannot be fetched names the offline way."""
+
+import pytest
+
+from serve_tp.app import ConfigError, build_app, deployment_options
+from serve_tp.config import ServeTPConfig
+from serve_tp.model_source import ModelSourceError, check_model_shardable, resolve_model_dir
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"tensor_parallel_size": "two"}, "tensor_parallel_size"),
+        ({"device": "tpu"}, "device"),
+        ({"placement_strategy": "ANYWHERE"}, "placement_strategy"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config"),
+        ({"device": "cpu", "dtype": "float16"}, "float16"),
+    ],
+)
+def test_bad_settings_fail_at_build_time_naming_the_field(args, field):
+    with pytest.raises(ConfigError, match=field):
+        build_app(args)
+
+
+def test_cli_strings_are_coerced_like_serve_run_passes_them():
+    cfg = ServeTPConfig.model_validate({"tensor_parallel_size": "3", "max_batch_size": "8", "device": "cpu"})
+    assert (cfg.tensor_parallel_size, cfg.max_batch_size) == (3, 8)
+
+
+def test_autoscaling_replaces_num_replicas():
+    cfg = ServeTPConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
+    options = deployment_options(cfg, "cuda")
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert "num_replicas" not in options
+    assert deployment_options(ServeTPConfig(num_replicas=3), "cuda")["num_replicas"] == 3
+
+
+def test_dtype_defaults_follow_the_device():
+    cfg = ServeTPConfig()
+    assert (cfg.resolved_dtype("cuda"), cfg.resolved_dtype("cpu")) == ("float16", "float32")
+
+
+def test_unreachable_hub_model_names_the_offline_option(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+    with pytest.raises(ModelSourceError) as failure:
+        resolve_model_dir("gpt2")
+    message = str(failure.value)
+    assert "'gpt2'" in message and "python -m serve_tp.tiny_model" in message
+
+
+def test_missing_local_directory_is_named(tmp_path):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model_dir(str(tmp_path / "absent"))
+
+
+def test_non_gpt2_models_are_refused_with_their_type():
+    with pytest.raises(ModelSourceError, match="'llama'"):
+        check_model_shardable({"model_type": "llama"}, 2)
