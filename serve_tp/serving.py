@@ -145,9 +145,18 @@ class CompletionService:
         finally:
             timer.finished()
 
+    @staticmethod
+    def _prompt_tokens(req: CompletionRequest, jobs: list[SequenceJob]) -> int:
+        """Once per prompt, not per choice, as OpenAI's `usage` counts them."""
+        return sum(len(j.prompt_ids) for j in jobs[:: req.n])
+
     def _count_prompt_tokens(self, req: CompletionRequest, jobs: list[SequenceJob]) -> None:
-        # Once per prompt, not per choice, as `usage` counts them.
-        PROMPT_TOKENS.inc(sum(len(j.prompt_ids) for j in jobs[:: req.n]), self.metric_tags)
+        PROMPT_TOKENS.inc(self._prompt_tokens(req, jobs), self.metric_tags)
+
+    def _usage(self, req: CompletionRequest, jobs: list[SequenceJob], tokens: dict[int, int]) -> dict:
+        prompt_tokens, completion_tokens = self._prompt_tokens(req, jobs), sum(tokens.values())
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     async def _merged(self, jobs: list[SequenceJob], request_id: str) -> AsyncIterator[TextDelta]:
         """All sequences of a request, interleaved as their tokens arrive."""
@@ -192,14 +201,11 @@ class CompletionService:
                 tokens[d.index] = d.completion_tokens
                 if d.finish_reason:
                     finish[d.index] = d.finish_reason
-        prompt_tokens = sum(len(j.prompt_ids) for j in jobs[:: req.n])
-        completion_tokens = sum(tokens.values())
         return {
             "id": request_id, "object": "text_completion", "created": created, "model": self.config.model_name,
             "choices": [{"index": j.index, "text": texts[j.index], "logprobs": None,
                          "finish_reason": finish.get(j.index, "length")} for j in jobs],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": self._usage(req, jobs, tokens),
         }
 
     async def stream(self, req: CompletionRequest, jobs: list[SequenceJob]) -> AsyncIterator[str]:
@@ -226,11 +232,8 @@ class CompletionService:
                     if d.text or d.finish_reason:
                         yield chunk(d.index, d.text, d.finish_reason)
             if req.stream_options and req.stream_options.include_usage:
-                prompt_tokens = sum(len(j.prompt_ids) for j in jobs[:: req.n])
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(tokens.values()),
-                         "total_tokens": prompt_tokens + sum(tokens.values())}
                 body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [], "usage": usage}
+                        "choices": [], "usage": self._usage(req, jobs, tokens)}
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as err:
             yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"

@@ -89,9 +89,13 @@ class InferenceWorker:
         """Rank 0: queue one sequence; its tokens come back through `poll`."""
         from serve_tp.sampling import SamplingParams
 
+        self._bind_event_loop()
+        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), lambda out: self._post(seq_id, out))
+
+    def _bind_event_loop(self) -> None:
+        """The actor's loop and the event `_post` sets from the engine thread (made on first use)."""
         if self._ready is None:
             self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
-        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), lambda out: self._post(seq_id, out))
 
     def _post(self, seq_id: str, out) -> None:
         """Engine thread: file a sequence's output; wake `poll` once per burst, not per token."""
@@ -108,8 +112,7 @@ class InferenceWorker:
         One call carries the whole batch's step (or several steps), so streaming costs one
         Ray round trip per step instead of one per token per sequence.
         """
-        if self._ready is None:
-            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        self._bind_event_loop()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except asyncio.TimeoutError:
