@@ -194,7 +194,7 @@ class EngineLoop:
             t1 = clock()
             decode_logits, admit_logits = execute(self.batch, plan)
             t2 = clock()
-            self._sample(plan, decode_logits, admit_logits)
+            self._sample(decode_logits, admit_logits)
             t3 = clock()
             if plan.decode_tokens or plan.admit:
                 self._timings.add(t1 - t0, t2 - t1, t3 - t2)
@@ -223,7 +223,8 @@ class EngineLoop:
         for seq in admitted:
             seq.generator = make_generator(seq.params)
             self._active[seq.seq_id] = seq
-        decode_tokens = [self._active[sid].next_token for sid in self.batch.seq_ids if sid not in evict]
+        leaving = set(evict)
+        decode_tokens = [self._active[sid].next_token for sid in self.batch.seq_ids if sid not in leaving]
         return StepPlan(
             evict=evict,
             decode_tokens=decode_tokens,
@@ -246,12 +247,12 @@ class EngineLoop:
             self._active.pop(sid, None)
         return evict
 
-    def _sample(self, plan: StepPlan, decode_logits, admit_logits) -> None:
-        rows = [sid for sid in self.batch.seq_ids]
+    def _sample(self, decode_logits, admit_logits) -> None:
+        """One token per batch row: decoded rows first, then the admitted ones (row order)."""
         logits = [t for t in (decode_logits, admit_logits) if t is not None]
         if not logits:
             return
-        seqs = [self._active[sid] for sid in rows]
+        seqs = [self._active[sid] for sid in self.batch.seq_ids]
         all_logits = torch.cat(logits)
         try:
             tokens = sample_tokens(all_logits, [s.params for s in seqs], [s.generator for s in seqs])
