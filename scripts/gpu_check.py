@@ -3,8 +3,10 @@
     python scripts/gpu_check.py --model DIR [--steps 32]
 
 1. one unsharded process on cuda:0, greedy by full forward passes (no KV cache);
-2. the TP engine on 2 GPUs (NCCL, our shards under deepspeed.init_inference), the prompts
-   decoded together as one left-padded batch, in fp32 and fp16;
+2. the TP engine on 2 GPUs (NCCL, our shards under deepspeed.init_inference, our forward
+   over the static KV cache), the prompts decoded together as one batch, in fp32 and
+   fp16, decode steps replayed as CUDA graphs and launched eagerly; where a prompt departs
+   from the reference, the reference's top-2 logit gap at that step (a near-tie or not);
 3. the real Serve app (TP=2, device=cuda) over HTTP, in fp32 and fp16;
 4. a control: fp16 unsharded with its KV cache (HF generate) against fp16 without cache,
    to show how far fp16 rounding alone moves greedy tokens on this random model.
@@ -28,16 +30,20 @@ def unsharded_greedy(model_dir, dtype, prompts, steps):
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).cuda().eval()
-    out = []
+    out, gaps = [], []
     with torch.inference_mode():
         for ids in prompts:
-            seq = list(ids)
+            seq, gap = list(ids), []
             for _ in range(steps):
-                seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+                logits = model(torch.tensor([seq], device="cuda")).logits[0, -1].float()
+                top2 = logits.topk(2).values
+                gap.append(float(top2[0] - top2[1]))  # how close greedy was to a tie
+                seq.append(int(logits.argmax()))
             out.append(seq[len(ids):])
+            gaps.append(gap)
     del model
     torch.cuda.empty_cache()
-    return out
+    return out, gaps
 
 
 def first_divergence(a, b):
@@ -58,18 +64,28 @@ def main():
     print(f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
     rows, ok = [], True
     refs = {}
-    for dtype in ("float32", "float16"):
-        refs[dtype] = unsharded_greedy(args.model, dtype, prompts, args.steps)
+    gaps = {}
+    for dtype, graphs in (("float32", True), ("float32", False), ("float16", True), ("float16", False)):
+        if dtype not in refs:
+            refs[dtype], gaps[dtype] = unsharded_greedy(args.model, dtype, prompts, args.steps)
         t = time.monotonic()
-        got = run_tp(args.model, 2, prompts, args.steps, device="cuda", dtype=dtype)
+        got = run_tp(args.model, 2, prompts, args.steps, device="cuda", dtype=dtype, cuda_graphs=graphs)
         tp_tokens = got[0][0]
         same = sum(a == b for a, b in zip(tp_tokens, refs[dtype]))
         ranks_agree = got[1][0] == tp_tokens
         divs = [first_divergence(a, b) for a, b in zip(tp_tokens, refs[dtype])]
-        rows.append(f"| engine TP=2 NCCL | {dtype} | {same}/{len(prompts)} | {divs} | {ranks_agree} | {time.monotonic()-t:.1f}s |")
+        # At a divergence, the reference's own top-2 logit gap: a near-tie that rounding can flip?
+        tie_gaps = [None if d is None else round(gaps[dtype][i][d], 4) for i, d in enumerate(divs)]
+        mode = "CUDA graphs" if graphs else "eager"
+        rows.append(f"| engine TP=2 NCCL, {mode} | {dtype} | {same}/{len(prompts)} | {divs} | {ranks_agree} "
+                    f"| {time.monotonic()-t:.1f}s | {tie_gaps} |")
         print(rows[-1], flush=True)
         if dtype == "float32" and same != len(prompts):
             ok = False
+    for dtype in refs:
+        all_gaps = sorted(g for gap in gaps[dtype] for g in gap)
+        print(f"reference {dtype}: top-2 logit gap over all steps: min {all_gaps[0]:.4f}, "
+              f"median {all_gaps[len(all_gaps) // 2]:.4f}", flush=True)
 
     from transformers import GPT2LMHeadModel
 
@@ -83,7 +99,7 @@ def main():
     torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(cached, refs["float16"]))
     divs = [first_divergence(a, b) for a, b in zip(cached, refs["float16"])]
-    rows.append(f"| control: unsharded HF generate (KV cache) | float16 | {same}/{len(prompts)} | {divs} | - | - |")
+    rows.append(f"| control: unsharded HF generate (KV cache) | float16 | {same}/{len(prompts)} | {divs} | - | - | - |")
     print(rows[-1], flush=True)
 
     import httpx
@@ -109,9 +125,9 @@ def main():
         ref_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in refs[dtype]]
         same = sum(a == b for a, b in zip(texts, ref_texts))
         rows.append(f"| HTTP serve_tp TP=2 (NCCL, 2 rank actors) | {dtype} | {same}/{len(prompts)} (text) | - | - "
-                    f"| startup {startup:.1f}s |")
+                    f"| startup {startup:.1f}s | - |")
         print(rows[-1], flush=True)
-        print("ranks:", [(r["rank"], r["device"], r["cuda_visible_devices"], r["backend"]) for r in health["ranks"]])
+        print("ranks:", [(r["rank"], r["device"], r["cuda_visible_devices"], r["backend"], r.get("cuda_graphs"), r.get("kv_cache_mib"), r.get("load_s")) for r in health["ranks"]])
         if dtype == "float32" and same != len(prompts):
             ok = False
         serve.delete("serve_tp")
@@ -119,8 +135,9 @@ def main():
 
     print(subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.used", "--format=csv"],
                          capture_output=True, text=True).stdout)
-    print("| path | dtype | greedy tokens equal to unsharded | first divergence per prompt | ranks agree | time |")
-    print("|---|---|---|---|---|---|")
+    print("| path | dtype | greedy tokens equal to unsharded | first divergence per prompt | ranks agree | time "
+          "| reference top-2 gap at divergence |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     serve.shutdown()
     ray.shutdown()

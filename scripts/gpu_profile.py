@@ -1,11 +1,12 @@
-"""Where a decode step's time goes on GPU: the TP engine's forward alone, per batch size.
+"""Where a decode step's time goes on GPU: the TP engine's batch alone, per batch size.
 
-    python scripts/gpu_profile.py --model DIR [--tp 2]
+    python scripts/gpu_profile.py --model DIR [--tp 2] [--batches 1,32,128]
 
-Each rank (one process per GPU, NCCL) admits `batch` prompts, then times `steps` decode
-steps, synchronising the GPU after each, and reports ms per step for rank 0. Compare with
-the service's time per output token to see what serving adds (plan broadcast, sampling,
-streaming through Ray).
+Each rank (one process per GPU, NCCL) admits `batch` prompts of 32 tokens, then times
+`steps` decode steps of the engine's SequenceBatch, synchronising the GPU after each, with
+the decode step replayed as a CUDA graph and launched eagerly. Also times a prefill and
+the plan broadcast the engine sends each step. Compare with the service's time per output
+token to see what serving adds (sampling, streaming through Ray and HTTP).
 """
 
 import argparse
@@ -19,43 +20,48 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 
-def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, plain=False):
+def _time(fn, steps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     from serve_tp.batch import SequenceBatch
     from serve_tp.distributed import init_tp_comm
+    from serve_tp.gpt2_forward import GPT2Forward
     from serve_tp.worker import load_sharded_model
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     comm = init_tp_comm(rank, world, "127.0.0.1", port, "nccl", 120, cuda_index=rank)
-    if plain:  # control: the same module without deepspeed.init_inference
-        from transformers import GPT2LMHeadModel
-
-        from serve_tp.tp_gpt2 import shard_gpt2
-
-        model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa")
-        model = shard_gpt2(model.eval(), world, rank, comm.all_reduce).to(device)
-    else:
-        model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
+    model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
+    forward = GPT2Forward(model, world, comm.all_reduce)
     results = {}
-    for batch_size in batches:
-        batch = SequenceBatch(model, device)
-        batch.admit([str(i) for i in range(batch_size)], [[1 + i % 50] * 32 for i in range(batch_size)])
-        tokens = [5] * batch_size
-        for _ in range(5):
-            batch.decode(tokens)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = batch.decode(tokens)
+    for graphs in (True, False):
+        batch = SequenceBatch(forward, max(batches), model.config.n_positions, cuda_graphs=graphs)
+        batch.capture()
+        results[f"capture_s_{graphs}"] = batch.runner.capture_s
+        for size in batches:
+            ids = [str(i) for i in range(size)]
+            prompts = [[1 + (i + j) % 50 for j in range(32)] for i in range(size)]
+            start = time.perf_counter()
+            batch.admit(ids, prompts)
             torch.cuda.synchronize()
-        results[batch_size] = 1000 * (time.perf_counter() - start) / steps
-        # a plan broadcast over the gloo control group, as the engine sends each step
-        plan = {"evict": [], "decode_tokens": tokens, "admit": []}
-        start = time.perf_counter()
-        for _ in range(steps):
-            comm.broadcast_plan(plan)
-        results[f"broadcast_{batch_size}"] = 1000 * (time.perf_counter() - start) / steps
-        del logits
+            results[("prefill", size)] = 1000 * (time.perf_counter() - start)
+            tokens = [5] * size
+            results[(graphs, size)] = _time(lambda: batch.decode(tokens), steps)
+            batch.evict(ids)
+    plan = {"evict": [], "decode_tokens": [5] * max(batches), "admit": []}
+    start = time.perf_counter()
+    for _ in range(steps):
+        comm.broadcast_plan(plan)
+    results["broadcast"] = 1000 * (time.perf_counter() - start) / steps
     if rank == 0:
         out.put(results)
 
@@ -65,9 +71,8 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", default="1,8,32,128")
-    parser.add_argument("--plain", action="store_true", help="skip deepspeed.init_inference (control)")
     args = parser.parse_args()
     from serve_tp.distributed import free_port
 
@@ -75,18 +80,20 @@ def main():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=rank_main, args=(r, args.tp, port, args.model, args.dtype, batches, args.steps, out, args.plain))
+    procs = [ctx.Process(target=rank_main, args=(r, args.tp, port, args.model, args.dtype, batches, args.steps, out))
              for r in range(args.tp)]
     for p in procs:
         p.start()
-    results = out.get(timeout=300)
+    results = out.get(timeout=400)
     for p in procs:
         p.join(timeout=60)
-    print(f"\ndeepspeed.init_inference: {not args.plain}")
-    print(f"| TP | dtype | batch | forward ms/step (synced) | plan broadcast ms |")
-    print("|---|---|---|---|---|")
+    print(f"\ngraph capture: {results['capture_s_True']:.2f}s; plan broadcast "
+          f"({max(batches)} tokens): {results['broadcast']:.3f} ms")
+    print("| TP | dtype | batch | decode ms/step, CUDA graph | decode ms/step, eager | prefill ms (32 tokens each) |")
+    print("|---|---|---|---|---|---|")
     for b in batches:
-        print(f"| {args.tp} | {args.dtype} | {b} | {results[b]:.2f} | {results[f'broadcast_{b}']:.3f} |")
+        print(f"| {args.tp} | {args.dtype} | {b} | {results[(True, b)]:.3f} | {results[(False, b)]:.3f} "
+              f"| {results[('prefill', b)]:.1f} |")
 
 
 if __name__ == "__main__":

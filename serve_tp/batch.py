@@ -1,8 +1,9 @@
-"""The KV cache of the sequences a rank is decoding together.
+"""The sequences a rank is decoding together, each in its own slot of a static KV cache.
 
-Sequences join (prefill) and leave (finished, cancelled) between decode steps. Rows are
-left-padded to a common length; the attention mask hides the padding and position ids
-count only real tokens, so a sequence's logits do not depend on its neighbours.
+Sequences join (prefill) and leave (finished, cancelled) between decode steps. The live
+sequences always fill slots 0..n-1: a leaving sequence's slot is refilled by moving the
+last one into it, so a decode step is "the first n slots", a shape CUDA graphs can replay.
+Every rank applies the same plans to the same state, so all ranks agree on the row order.
 """
 
 from __future__ import annotations
@@ -10,92 +11,89 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-Past = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+from serve_tp.decode_runner import DecodeRunner
+from serve_tp.gpt2_forward import GPT2Forward
+
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass; bounds its activations
 
 
-def _left_pad(past: Past, mask: torch.Tensor, length: int) -> tuple[Past, torch.Tensor]:
-    extra = length - mask.shape[1]
-    if extra == 0:
-        return past, mask
-    past = tuple((F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in past)
-    return past, F.pad(mask, (extra, 0))
+def compact(seq_ids: Sequence[str], leaving: Sequence[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """Row order after `leaving` go, and the (source, target) slot moves that make it."""
+    rows = list(seq_ids)
+    moves = []
+    for seq_id in leaving:
+        if seq_id not in rows:
+            continue
+        target, source = rows.index(seq_id), len(rows) - 1
+        if target != source:
+            rows[target] = rows[source]
+            moves.append((source, target))
+        rows.pop()
+    return rows, moves
+
+
+def prefill_chunks(prompts: Sequence[Sequence[int]], budget: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive prompts whose right-padded size stays within `budget`."""
+    chunks, start, longest = [], 0, 0
+    for i, prompt in enumerate(prompts):
+        wider = max(longest, len(prompt))
+        if i > start and wider * (i - start + 1) > budget:
+            chunks.append((start, i))
+            start, wider = i, len(prompt)
+        longest = wider
+    chunks.append((start, len(prompts)))
+    return chunks
 
 
 class SequenceBatch:
     """Batch state every rank keeps identically, driven by the same step plans."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.model = model
-        self.device = device
+    def __init__(self, forward: GPT2Forward, slots: int, max_len: int, cuda_graphs: bool = True):
+        with torch.inference_mode():
+            self.cache = forward.new_cache(slots, max_len)
+        self.forward = forward
+        self.runner = DecodeRunner(forward, self.cache, cuda_graphs)
         self.seq_ids: list[str] = []
-        self.past: Past | None = None
-        self.mask: torch.Tensor | None = None  # [B, T], 1 = real token
+        self.lengths: list[int] = []  # tokens in each slot's cache
 
     def __len__(self) -> int:
         return len(self.seq_ids)
 
-    @torch.inference_mode()
-    def evict(self, seq_ids: Sequence[str]) -> None:
-        """Drop finished or cancelled rows, then padding columns no row needs."""
-        gone = set(seq_ids)
-        keep = [i for i, sid in enumerate(self.seq_ids) if sid not in gone]
-        if len(keep) == len(self.seq_ids):
-            return
-        self.seq_ids = [self.seq_ids[i] for i in keep]
-        if not keep:
-            self.past, self.mask = None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(dim=0).int().argmax())  # first column some row still uses
-        self.mask = mask[:, first:]
-        self.past = tuple(
-            (k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-            for k, v in self.past
-        )
+    def capture(self) -> None:
+        """Capture the decode graphs (a no-op on CPU). Every rank calls it at the same point."""
+        self.runner.capture()
+
+    def rows_after_evict(self, leaving: Sequence[str]) -> list[str]:
+        return compact(self.seq_ids, leaving)[0]
 
     @torch.inference_mode()
+    def evict(self, leaving: Sequence[str]) -> None:
+        """Drop finished or cancelled rows, refilling their slots from the end."""
+        self.seq_ids, moves = compact(self.seq_ids, leaving)
+        for source, target in moves:
+            self.cache.move(source, target, self.lengths[source])
+            self.lengths[target] = self.lengths[source]
+        del self.lengths[len(self.seq_ids):]
+
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         """Feed one token per row (in row order); returns next-token logits [B, V]."""
         if len(tokens) != len(self.seq_ids):
             raise ValueError(f"decode got {len(tokens)} tokens for {len(self.seq_ids)} sequences")
-        input_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        mask = F.pad(self.mask, (0, 1), value=1)
-        positions = mask.sum(dim=1, keepdim=True) - 1
-        out = self.model(
-            input_ids=input_ids, past_key_values=self.past, attention_mask=mask,
-            position_ids=positions, use_cache=True,
-        )
-        self.past, self.mask = out.past_key_values, mask
-        return out.logits[:, -1, :]
+        logits = self.runner.run(tokens, self.lengths)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
 
-    @torch.inference_mode()
     def admit(self, seq_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prefill new sequences and append them as rows; returns their logits [n, V]."""
-        length = max(len(p) for p in prompts)
-        input_ids = torch.zeros((len(prompts), length), dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        new_past = tuple((k, v) for k, v in out.past_key_values)
-        if self.past is None:
-            self.past, self.mask = new_past, mask
-        else:
-            width = max(self.mask.shape[1], length)
-            old_past, old_mask = _left_pad(self.past, self.mask, width)
-            new_past, mask = _left_pad(new_past, mask, width)
-            self.past = tuple(
-                (torch.cat([ok, nk]), torch.cat([ov, nv]))
-                for (ok, ov), (nk, nv) in zip(old_past, new_past)
-            )
-            self.mask = torch.cat([old_mask, mask])
+        """Prefill new sequences into the next free slots; returns their logits [n, V]."""
+        if len(self) + len(prompts) > self.cache.slots:
+            raise ValueError(f"{len(prompts)} new sequences do not fit: {len(self)} of {self.cache.slots} slots used")
+        too_long = [len(p) for p in prompts if not 0 < len(p) < self.cache.max_len]
+        if too_long:
+            raise ValueError(f"prompt of {too_long[0]} tokens does not fit a cache of {self.cache.max_len}")
+        logits = []
+        for start, end in prefill_chunks(prompts):
+            logits.append(self.forward.prefill(self.cache, len(self) + start, prompts[start:end]))
         self.seq_ids.extend(seq_ids)
-        return out.logits[:, -1, :]
+        self.lengths.extend(len(p) for p in prompts)
+        return torch.cat(logits) if len(logits) > 1 else logits[0]

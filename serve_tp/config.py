@@ -70,6 +70,15 @@ class ServeTPConfig(BaseModel):
         0.002, ge=0, le=1, description="How long an idle engine waits to gather a batch."
     )
 
+    cuda_graphs: bool = Field(
+        True, description="Replay decode steps as CUDA graphs (GPU only): one launch per step "
+        "instead of hundreds. Off: eager kernels, for debugging."
+    )
+    max_model_len: Optional[int] = Field(
+        None, ge=2, description="Longest prompt + completion in tokens; sizes the KV cache "
+        "(max_batch_size slots of this many tokens per rank). Default and cap: the model's context."
+    )
+
     # --- generation defaults ---
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it.")
     default_temperature: float = Field(1.0, ge=0, le=2, description="As OpenAI: 1.0.")

@@ -223,8 +223,7 @@ class EngineLoop:
         for seq in admitted:
             seq.generator = make_generator(seq.params)
             self._active[seq.seq_id] = seq
-        leaving = set(evict)
-        decode_tokens = [self._active[sid].next_token for sid in self.batch.seq_ids if sid not in leaving]
+        decode_tokens = [self._active[sid].next_token for sid in self.batch.rows_after_evict(evict)]
         return StepPlan(
             evict=evict,
             decode_tokens=decode_tokens,

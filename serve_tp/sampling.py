@@ -57,13 +57,19 @@ def sample_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[Optional[torch.Generator]],
 ) -> list[int]:
-    """One next token per row of `logits` [B, V], each row with its own params."""
-    logits = logits.float().cpu()
+    """One next token per row of `logits` [B, V], each row with its own params.
+
+    Greedy rows are decided where the logits are (one small copy of B token ids); only
+    the rows that sample travel to the host, where each sequence's own generator lives.
+    """
     tokens = torch.argmax(logits, dim=-1).tolist()
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
-            continue
-        filtered = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
+    sampled = [row for row, p in enumerate(params) if p.temperature != 0]
+    if not sampled:
+        return tokens
+    rows = logits[sampled].float().cpu() if len(sampled) < len(params) else logits.float().cpu()
+    for row_logits, row in zip(rows, sampled):
+        p = params[row]
+        filtered = filter_logits(row_logits / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(filtered, dim=-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+        tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]).item())
     return tokens

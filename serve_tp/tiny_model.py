@@ -42,8 +42,9 @@ def build_tiny_gpt2(
 ) -> Path:
     """Write a GPT-2 directory loadable with from_pretrained; returns its path.
 
-    6 heads split over 2 and 3 ranks. `model_vocab_size` pads the embedding beyond the
-    tokenizer (e.g. 50257) to give the model GPT-2's real shape for GPU measurements. A wide initializer makes the random logits peaked,
+    6 heads split over 2 and 3 ranks. `model_vocab_size` (e.g. 50257) gives the model
+    GPT-2's real vocabulary shape for GPU measurements; the tokenizer gets a filler token
+    for each id past its own. A wide initializer makes the random logits peaked,
     so greedy decoding is decided by clear margins rather than rounding noise.
     """
     import torch
@@ -52,6 +53,10 @@ def build_tiny_gpt2(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
+    if model_vocab_size and model_vocab_size > len(tokenizer):
+        # Filler tokens, one per id past the BPE's own, so every id the model can emit
+        # decodes to visible text and a client can see (and time) each generated token.
+        tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), model_vocab_size)])
     config = GPT2Config(
         vocab_size=max(len(tokenizer), model_vocab_size or 0),
         n_positions=n_positions,

@@ -41,6 +41,8 @@ class TPGroup:
             "device": device,
             "dtype": config.resolved_dtype(device),
             "max_batch_size": config.max_batch_size,
+            "max_model_len": config.max_model_len,
+            "cuda_graphs": config.cuda_graphs,
             "batch_wait_timeout_s": config.batch_wait_timeout_s,
             "collective_timeout_s": config.startup_timeout_s,
             "stall_timeout_s": config.stall_timeout_s,

@@ -46,6 +46,7 @@ class InferenceWorker:
         from serve_tp.batch import SequenceBatch
         from serve_tp.distributed import init_tp_comm
         from serve_tp.engine import EngineLoop
+        from serve_tp.gpt2_forward import GPT2Forward
         from serve_tp.metrics import EngineMetrics
         from serve_tp.model_source import resolve_model_dir
 
@@ -58,13 +59,16 @@ class InferenceWorker:
         model_dir = str(resolve_model_dir(s["model"], s["hf_revision"]))
         comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
         model = load_sharded_model(model_dir, s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
-        batch = SequenceBatch(model, device)
+        max_context = min(model.config.n_positions, s.get("max_model_len") or model.config.n_positions)
+        batch = SequenceBatch(GPT2Forward(model, self.world_size, comm.all_reduce),
+                              s["max_batch_size"], max_context, cuda_graphs=s.get("cuda_graphs", True))
+        batch.capture()  # every rank captures the same graphs, in the same order
         self.engine = EngineLoop(
             batch,
             comm.broadcast_plan,
             self.rank,
             eos_token_id=model.config.eos_token_id,
-            max_context=model.config.n_positions,
+            max_context=max_context,
             max_batch_size=s["max_batch_size"],
             batch_wait_s=s["batch_wait_timeout_s"],
             on_step=EngineMetrics(s["served_model_name"]).step if self.rank == 0 else None,
@@ -81,6 +85,8 @@ class InferenceWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "backend": backend,
             "dtype": s["dtype"],
+            "kv_cache_mib": round(batch.cache.nbytes / 2**20, 1),
+            "cuda_graphs": batch.runner.graph_count,
             "load_s": round(time.monotonic() - started, 2),
         }
         return self.info

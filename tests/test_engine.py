@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from serve_tp.batch import SequenceBatch
 from serve_tp.engine import EngineLoop
+from serve_tp.gpt2_forward import GPT2Forward
 from serve_tp.sampling import SamplingParams
 
 
@@ -43,7 +44,8 @@ class Collector:
 @pytest.fixture
 def engine(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    loop = EngineLoop(SequenceBatch(model, torch.device("cpu")), lambda plan: plan, 0,
+    batch = SequenceBatch(GPT2Forward(model, 1, None), slots=4, max_len=model.config.n_positions)
+    loop = EngineLoop(batch, lambda plan: plan, 0,
                       eos_token_id=tokenizer.eos_token_id, max_context=model.config.n_positions,
                       max_batch_size=4, batch_wait_s=0)
     loop.start()

@@ -25,12 +25,13 @@ def _greedy(batch, prompts: list[list[int]], steps: int):
     return tokens, first_logits
 
 
-def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, device_type, dtype):
+def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, device_type, dtype, cuda_graphs):
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         from serve_tp.batch import SequenceBatch
         from serve_tp.distributed import init_tp_comm
+        from serve_tp.gpt2_forward import GPT2Forward
         from serve_tp.worker import load_sharded_model
 
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
@@ -39,20 +40,23 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, devic
         backend = "nccl" if device.type == "cuda" else "gloo"
         comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120, cuda_index=device.index or 0)
         model = load_sharded_model(model_dir, dtype, device, rank, world_size, comm.all_reduce)
-        tokens, logits = _greedy(SequenceBatch(model, device), prompts, steps)
+        batch = SequenceBatch(GPT2Forward(model, world_size, comm.all_reduce), len(prompts),
+                              model.config.n_positions, cuda_graphs=cuda_graphs)
+        batch.capture()
+        tokens, logits = _greedy(batch, prompts, steps)
         results.put((rank, tokens, logits.cpu().numpy(), None))
     except Exception:
         results.put((rank, None, None, traceback.format_exc()))
 
 
 def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int,
-           device: str = "cpu", dtype: str = "float32"):
+           device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True):
     """Rank 0's greedy tokens and first-step logits; every rank's failure is raised."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port("127.0.0.1")
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results, device, dtype))
+        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results, device, dtype, cuda_graphs))
         for r in range(world_size)
     ]
     for p in procs:

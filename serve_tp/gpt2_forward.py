@@ -1,0 +1,195 @@
+"""GPT-2's forward pass over one rank's shard and a preallocated KV cache.
+
+Hugging Face's forward grows its KV cache by concatenation, rebuilds masks on the host
+and costs hundreds of kernel launches per token. Here every sequence owns a fixed slot
+of one cache tensor, so a decode step has static shapes and can be captured as a CUDA
+graph (cuda_graphs.py). The maths is GPT-2's (transformers' GPT2Block); the weights are
+the ones `tp_gpt2.shard_gpt2` left in the module, and the row-parallel outputs are summed
+with the group's all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AllReduce = Callable[[torch.Tensor], None]
+
+
+class UnsupportedModelError(ValueError):
+    """A GPT-2 variant this forward does not implement."""
+
+
+@dataclass
+class _Linear:
+    weight: torch.Tensor  # Conv1D layout: [in, out]
+    bias: torch.Tensor
+
+
+@dataclass
+class _Block:
+    ln_1: nn.LayerNorm
+    c_attn: _Linear  # column-parallel: this rank's heads of Q | K | V
+    attn_proj: _Linear  # row-parallel
+    ln_2: nn.LayerNorm
+    c_fc: _Linear  # column-parallel
+    mlp_proj: _Linear  # row-parallel
+    scale: float
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPT-2's tanh GELU as one fused kernel; any other activation as transformers has it."""
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class GPT2Forward:
+    """Prefill and decode of a (sharded) GPT2LMHeadModel into slots of a `KVCache`."""
+
+    def __init__(self, model: nn.Module, world_size: int, all_reduce: AllReduce):
+        config = model.config
+        for flag in ("reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(config, flag, False):
+                raise UnsupportedModelError(f"GPT-2 configs with {flag}=True are not supported")
+        transformer = model.transformer
+        first_attn = transformer.h[0].attn
+        self.num_heads = first_attn.num_heads  # this rank's heads
+        self.head_dim = first_attn.head_dim
+        self.num_layers = len(transformer.h)
+        self.world_size = world_size
+        self.all_reduce = all_reduce
+        self.wte = transformer.wte.weight
+        self.wpe = transformer.wpe.weight
+        self.ln_f = transformer.ln_f
+        self.lm_head = model.lm_head.weight
+        self.act = _activation(config.activation_function)
+        self.device, self.dtype = self.wte.device, self.wte.dtype
+        self.blocks = []
+        for index, block in enumerate(transformer.h):
+            scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+            if config.scale_attn_by_inverse_layer_idx:
+                scale /= index + 1
+            self.blocks.append(_Block(
+                ln_1=block.ln_1,
+                c_attn=_Linear(block.attn.c_attn.weight, block.attn.c_attn.bias),
+                attn_proj=_Linear(block.attn.c_proj.weight, block.attn.c_proj.bias),
+                ln_2=block.ln_2,
+                c_fc=_Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias),
+                mlp_proj=_Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias),
+                scale=scale,
+            ))
+
+    def new_cache(self, slots: int, max_len: int) -> "KVCache":
+        return KVCache(self.num_layers, slots, self.num_heads, max_len, self.head_dim, self.dtype, self.device)
+
+    # ---- pieces shared by prefill and decode ----
+    def _row_parallel(self, x: torch.Tensor, linear: _Linear) -> torch.Tensor:
+        if self.world_size == 1:
+            return torch.addmm(linear.bias, x, linear.weight)
+        out = torch.mm(x, linear.weight)
+        self.all_reduce(out)  # partial sums of every rank; the bias is added once, after
+        return out + linear.bias
+
+    def _mlp(self, block: _Block, h: torch.Tensor) -> torch.Tensor:
+        x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
+        return h + self._row_parallel(x, block.mlp_proj)
+
+    def _qkv(self, block: _Block, h: torch.Tensor) -> torch.Tensor:
+        """[tokens, E] -> [tokens, 3, heads, head_dim]."""
+        qkv = torch.addmm(block.c_attn.bias, block.ln_1(h), block.c_attn.weight)
+        return qkv.view(h.shape[0], 3, self.num_heads, self.head_dim)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ln_f(h), self.lm_head)
+
+    # ---- prefill: new prompts, right-padded, into consecutive slots ----
+    @torch.inference_mode()
+    def prefill(self, cache: "KVCache", first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run whole prompts, store their K/V in slots first_slot.., return last-token logits [n, V].
+
+        Rows are right-padded: causal attention keeps each real token from seeing the
+        padding after it, and decode overwrites the padded positions before reading them.
+        """
+        n, length = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(self.device)
+        positions = torch.arange(length, device=self.device)
+        h = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(n * length, -1)
+        slots = slice(first_slot, first_slot + n)
+        for layer, block in enumerate(self.blocks):
+            q, k, v = self._qkv(block, h).view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, T, D]
+            cache.keys[layer, slots, :, :length] = k
+            cache.values[layer, slots, :, :length] = v
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
+            attn = attn.transpose(1, 2).reshape(n * length, self.num_heads * self.head_dim)
+            h = h + self._row_parallel(attn, block.attn_proj)
+            h = self._mlp(block, h)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(h.view(n, length, -1)[torch.arange(n, device=self.device), last])
+
+    # ---- decode: one token for each of the first `tokens.shape[0]` slots ----
+    def decode(self, cache: "KVCache", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """Logits [B, V] for token b at position positions[b] of slot b, for b < B.
+
+        Attends over the first `span` cached positions (> every position), masking those
+        after each row's own. Static shapes for fixed B and span; no host synchronisation,
+        so it can be captured as a CUDA graph.
+        """
+        batch = tokens.shape[0]
+        rows = torch.arange(batch, device=self.device)
+        visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None]).view(batch, 1, 1, span)
+        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+        for layer, block in enumerate(self.blocks):
+            q, k, v = self._qkv(block, h).unbind(1)  # [B, heads, D] each
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[rows, :, positions] = k
+            values[rows, :, positions] = v
+            attn = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys[:batch, :, :span], values[:batch, :, :span],
+                attn_mask=visible, scale=block.scale,
+            )
+            h = h + self._row_parallel(attn.reshape(batch, -1), block.attn_proj)
+            h = self._mlp(block, h)
+        return self._logits(h)
+
+
+class KVCache:
+    """Keys and values of every layer for `slots` sequences of up to `max_len` tokens.
+
+    Zero-filled: masked positions are multiplied by a zero weight, which must not meet NaN.
+    """
+
+    def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (layers, slots, heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` positions into slot `target`."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+def attention_span(longest: int, max_len: int, smallest: int = 64) -> int:
+    """The power-of-two number of cached positions a decode step attends over (capped)."""
+    span = smallest
+    while span < longest:
+        span *= 2
+    return min(span, max_len)
