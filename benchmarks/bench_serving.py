@@ -235,7 +235,22 @@ async def bench_http(target: str, base: str, body: dict, args) -> list[dict]:
         )
         rows.append(loadgen.summarize(target, c, results, duration))
         print(report.markdown_table(rows[-1:]).splitlines()[2], flush=True)
+        if target == "serve_tp":
+            rows[-1]["engine_step_ms"] = await engine_step_ms(base, headers)
+            print(f"    rank 0 step (ms, last 256 working steps): {rows[-1]['engine_step_ms']}", flush=True)
     return rows
+
+
+async def engine_step_ms(base: str, headers: Optional[dict]) -> Optional[dict]:
+    """Where rank 0's recent steps spent their time (plan broadcast, forward, sampling), from /health."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            ranks = (await client.get(base.rstrip("/") + "/health", headers=headers)).json()["ranks"]
+        return ranks[0].get("step_ms")
+    except Exception:  # a health endpoint that differs is no reason to lose the run
+        return None
 
 
 def bench_hf(prompt: str, args) -> list[dict]:

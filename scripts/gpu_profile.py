@@ -41,7 +41,7 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     torch.cuda.set_device(device)
     comm = init_tp_comm(rank, world, "127.0.0.1", port, "nccl", 120, cuda_index=rank)
     model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
-    forward = GPT2Forward(model, world, comm.all_reduce)
+    forward = GPT2Forward(model, rank, world, comm.all_reduce)
     results = {}
     for graphs in (True, False):
         batch = SequenceBatch(forward, max(batches), model.config.n_positions, cuda_graphs=graphs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,9 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+PLAN_INLINE_BYTES = 8192  # a decode plan for hundreds of sequences fits in one message
+
+
 @dataclass
 class TPComm:
     """The collectives a rank uses: the model's all-reduce and the plan broadcast."""
@@ -36,13 +40,37 @@ class TPComm:
 
         ds_comm.all_reduce(tensor)
 
+    def __post_init__(self):
+        self._plan_buffer = torch.zeros(PLAN_INLINE_BYTES, dtype=torch.uint8)
+
     def broadcast_plan(self, plan):
-        """Rank 0 sends `plan`; the others receive it. Pickled over the CPU group."""
+        """Rank 0 sends `plan`; the others receive it. Pickled over the CPU group.
+
+        One fixed-size message carries the length and, for the usual decode step, the
+        whole plan: one round trip per step where broadcast_object_list takes two. A plan
+        too big for it (many long prompts admitted at once) sends the rest in a second one.
+        """
         if self.world_size == 1:
             return plan
-        box = [plan]
-        torch.distributed.broadcast_object_list(box, src=0, group=self.control_group)
-        return box[0]
+        group, buffer = self.control_group, self._plan_buffer
+        if self.rank == 0:
+            payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+            inline = payload[: PLAN_INLINE_BYTES - 8]
+            buffer[:8] = torch.frombuffer(bytearray(len(payload).to_bytes(8, "little")), dtype=torch.uint8)
+            buffer[8: 8 + len(inline)] = torch.frombuffer(bytearray(inline), dtype=torch.uint8)
+            torch.distributed.broadcast(buffer, src=0, group=group)
+            if len(payload) > len(inline):
+                rest = torch.frombuffer(bytearray(payload[len(inline):]), dtype=torch.uint8)
+                torch.distributed.broadcast(rest, src=0, group=group)
+            return plan
+        torch.distributed.broadcast(buffer, src=0, group=group)
+        size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+        payload = buffer[8: 8 + min(size, PLAN_INLINE_BYTES - 8)].numpy().tobytes()
+        if size > len(payload):
+            rest = torch.empty(size - len(payload), dtype=torch.uint8)
+            torch.distributed.broadcast(rest, src=0, group=group)
+            payload += rest.numpy().tobytes()
+        return pickle.loads(payload)
 
 
 def init_tp_comm(

@@ -60,7 +60,11 @@ class _Sequence:
 
 
 class StepTimings:
-    """Where rank 0's working steps spend their time, averaged over the last window."""
+    """Where rank 0's working steps spend their time, averaged over the last window.
+
+    On GPU the forward only launches kernels (or replays a graph); waiting for them to
+    finish falls in `sample_and_emit`, where the sampled tokens are first read back.
+    """
 
     WINDOW = 256
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class GPT2Forward:
     """Prefill and decode of a (sharded) GPT2LMHeadModel into slots of a `KVCache`."""
 
-    def __init__(self, model: nn.Module, world_size: int, all_reduce: AllReduce):
+    def __init__(self, model: nn.Module, rank: int, world_size: int, all_reduce: Optional[AllReduce]):
         config = model.config
         for flag in ("reorder_and_upcast_attn", "add_cross_attention"):
             if getattr(config, flag, False):
@@ -65,6 +65,7 @@ class GPT2Forward:
         self.head_dim = first_attn.head_dim
         self.num_layers = len(transformer.h)
         self.world_size = world_size
+        self.rank = rank
         self.all_reduce = all_reduce
         self.wte = transformer.wte.weight
         self.wpe = transformer.wpe.weight
@@ -92,11 +93,15 @@ class GPT2Forward:
 
     # ---- pieces shared by prefill and decode ----
     def _row_parallel(self, x: torch.Tensor, linear: _Linear) -> torch.Tensor:
-        if self.world_size == 1:
-            return torch.addmm(linear.bias, x, linear.weight)
-        out = torch.mm(x, linear.weight)
-        self.all_reduce(out)  # partial sums of every rank; the bias is added once, after
-        return out + linear.bias
+        """x @ W summed over the ranks. Rank 0 adds the bias inside its GEMM, so the sum
+        holds it exactly once without a separate kernel."""
+        if self.rank == 0:
+            out = torch.addmm(linear.bias, x, linear.weight)
+        else:
+            out = torch.mm(x, linear.weight)
+        if self.world_size > 1:
+            self.all_reduce(out)
+        return out
 
     def _mlp(self, block: _Block, h: torch.Tensor) -> torch.Tensor:
         x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
@@ -129,8 +134,8 @@ class GPT2Forward:
         for layer, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, h).view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, T, D]
-            cache.keys[layer, slots, :, :length] = k
-            cache.values[layer, slots, :, :length] = v
+            cache.kv[layer, slots, 0, :, :length] = k
+            cache.kv[layer, slots, 1, :, :length] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
             attn = attn.transpose(1, 2).reshape(n * length, self.num_heads * self.head_dim)
             h = h + self._row_parallel(attn, block.attn_proj)
@@ -148,16 +153,18 @@ class GPT2Forward:
         """
         batch = tokens.shape[0]
         rows = torch.arange(batch, device=self.device)
-        visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None]).view(batch, 1, 1, span)
+        hidden = torch.arange(span, device=self.device)[None, :] > positions[:, None]
+        # one additive mask for all layers (a boolean one is converted again in every layer)
+        mask = torch.zeros((batch, 1, 1, span), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(hidden.view(batch, 1, 1, span), float("-inf"))
         h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer, block in enumerate(self.blocks):
-            q, k, v = self._qkv(block, h).unbind(1)  # [B, heads, D] each
-            keys, values = cache.keys[layer], cache.values[layer]
-            keys[rows, :, positions] = k
-            values[rows, :, positions] = v
+            qkv = self._qkv(block, h)  # [B, 3, heads, D]
+            kv = cache.kv[layer]
+            kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
             attn = F.scaled_dot_product_attention(
-                q.unsqueeze(2), keys[:batch, :, :span], values[:batch, :, :span],
-                attn_mask=visible, scale=block.scale,
+                qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span],
+                attn_mask=mask, scale=block.scale,
             )
             h = h + self._row_parallel(attn.reshape(batch, -1), block.attn_proj)
             h = self._mlp(block, h)
@@ -172,19 +179,17 @@ class KVCache:
 
     def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (layers, slots, heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # [layer, slot, key|value, head, position, head_dim]: a token's K and V in one write
+        self.kv = torch.zeros((layers, slots, 2, heads, max_len, head_dim), dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy slot `source`'s first `length` positions into slot `target`."""
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.kv[:, target, :, :, :length] = self.kv[:, source, :, :, :length]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
 
 def attention_span(longest: int, max_len: int, smallest: int = 64) -> int:

@@ -26,6 +26,20 @@ class RankFailure(RuntimeError):
     """A rank died, failed, or did not answer in time."""
 
 
+def _coalesce(item, queue: asyncio.Queue):
+    """`item` merged with the outputs already queued behind it.
+
+    When the client side falls behind the engine (many streams), each chunk then carries
+    every token that is ready instead of one, so the stream catches up rather than lags.
+    """
+    while not isinstance(item, BaseException) and item["finish_reason"] is None and not queue.empty():
+        following = queue.get_nowait()
+        if isinstance(following, BaseException):
+            return following
+        item = {**following, "token_ids": item["token_ids"] + following["token_ids"]}
+    return item
+
+
 class TPGroup:
     """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
 
@@ -100,7 +114,7 @@ class TPGroup:
             except ray.exceptions.RayError as exc:
                 raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
             while not finished:
-                item = await queue.get()
+                item = _coalesce(await queue.get(), queue)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item["finish_reason"] is not None

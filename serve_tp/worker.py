@@ -60,7 +60,7 @@ class InferenceWorker:
         comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
         model = load_sharded_model(model_dir, s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
         max_context = min(model.config.n_positions, s.get("max_model_len") or model.config.n_positions)
-        batch = SequenceBatch(GPT2Forward(model, self.world_size, comm.all_reduce),
+        batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
                               s["max_batch_size"], max_context, cuda_graphs=s.get("cuda_graphs", True))
         batch.capture()  # every rank captures the same graphs, in the same order
         self.engine = EngineLoop(

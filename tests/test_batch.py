@@ -55,7 +55,7 @@ def test_buckets_and_spans():
 
 def test_decode_matches_hf_after_slots_move(model):
     """Three sequences, the middle one leaves (the last moves into its slot), decoding goes on."""
-    batch = SequenceBatch(GPT2Forward(model, 1, None), slots=4, max_len=model.config.n_positions)
+    batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=4, max_len=model.config.n_positions)
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4], "c": [20, 21, 22, 23]}
     first = batch.admit(list(prompts), list(prompts.values()))
     seqs = {sid: list(p) for sid, p in prompts.items()}
@@ -74,7 +74,7 @@ def test_decode_matches_hf_after_slots_move(model):
 
 def test_padding_rows_of_a_bucket_do_not_touch_the_real_rows(model):
     """What a replayed graph does: rows past n decode a dummy token into free slots."""
-    forward = GPT2Forward(model, 1, None)
+    forward = GPT2Forward(model, 0, 1, None)
     batch = SequenceBatch(forward, slots=8, max_len=model.config.n_positions)
     batch.admit(["a", "b"], [[1, 2, 3], [4, 5, 6, 7, 8]])
     with torch.inference_mode():
@@ -85,7 +85,7 @@ def test_padding_rows_of_a_bucket_do_not_touch_the_real_rows(model):
 
 
 def test_admit_refuses_what_the_cache_cannot_hold(model):
-    batch = SequenceBatch(GPT2Forward(model, 1, None), slots=2, max_len=16)
+    batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=2, max_len=16)
     with pytest.raises(ValueError, match="do not fit"):
         batch.admit(["a", "b", "c"], [[1], [2], [3]])
     with pytest.raises(ValueError, match="16"):

@@ -44,7 +44,7 @@ class Collector:
 @pytest.fixture
 def engine(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    batch = SequenceBatch(GPT2Forward(model, 1, None), slots=4, max_len=model.config.n_positions)
+    batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=4, max_len=model.config.n_positions)
     loop = EngineLoop(batch, lambda plan: plan, 0,
                       eos_token_id=tokenizer.eos_token_id, max_context=model.config.n_positions,
                       max_batch_size=4, batch_wait_s=0)

@@ -40,7 +40,7 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, devic
         backend = "nccl" if device.type == "cuda" else "gloo"
         comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120, cuda_index=device.index or 0)
         model = load_sharded_model(model_dir, dtype, device, rank, world_size, comm.all_reduce)
-        batch = SequenceBatch(GPT2Forward(model, world_size, comm.all_reduce), len(prompts),
+        batch = SequenceBatch(GPT2Forward(model, rank, world_size, comm.all_reduce), len(prompts),
                               model.config.n_positions, cuda_graphs=cuda_graphs)
         batch.capture()
         tokens, logits = _greedy(batch, prompts, steps)
