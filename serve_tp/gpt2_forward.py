@@ -3,7 +3,7 @@
 Hugging Face's forward grows its KV cache by concatenation, rebuilds masks on the host
 and costs hundreds of kernel launches per token. Here every sequence owns a fixed slot
 of one cache tensor, so a decode step has static shapes and can be captured as a CUDA
-graph (cuda_graphs.py). The maths is GPT-2's (transformers' GPT2Block); the weights are
+graph (decode_runner.py). The maths is GPT-2's (transformers' GPT2Block); the weights are
 the ones `tp_gpt2.shard_gpt2` left in the module, and the row-parallel outputs are summed
 with the group's all-reduce.
 """

@@ -6,7 +6,7 @@ GPT-2 stores its projections as `Conv1D`, whose weight is [in_features, out_feat
                  (the fused output is [Q | K | V], so a plain contiguous split is wrong);
   * mlp.c_fc     column-parallel: a contiguous slice of the hidden units;
   * attn.c_proj, mlp.c_proj  row-parallel: the matching slice of input rows; the partial
-                 outputs are summed by an all-reduce and the bias is added once, after it.
+                 outputs are summed by an all-reduce and the bias counted once.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def shard_columns(
 def shard_rows(weight: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
     """Row-parallel slice of a Conv1D ([in, out]): keep this rank's input features.
 
-    The bias is not sliced: it is added once, after the partial outputs are all-reduced.
+    The bias is not sliced: it is counted once in the all-reduced sum (rank 0 adds it).
     """
     check_divisible("input features", weight.shape[0], world_size)
     start, end = shard_bounds(weight.shape[0], world_size, rank)
