@@ -9,6 +9,7 @@ own clock, the way a user would see them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -124,20 +125,28 @@ async def run_level(
     A client sends no new request once `level_timeout_s` has passed, so the level ends by
     itself even against a slow server. Returns the results and the level's wall time.
     """
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # One connection pool per client, not one shared pool of `concurrency` connections:
+    # httpcore matches every queued request against every pooled connection on each
+    # request and response, so a shared pool costs O(concurrency^2) per request. At 128
+    # clients that made this (single-threaded) load generator the bottleneck: stalls of
+    # 1-6 s before a request was even sent, charged to the server's TTFT. The clients are
+    # made before the clock starts: each one loads its own TLS context (~20 ms).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     timeout = httpx.Timeout(request_timeout_s, connect=min(30.0, request_timeout_s))
     results: list[RequestResult] = []
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers))
+                   for _ in range(concurrency)]
         start = time.perf_counter()
         deadline = start + level_timeout_s
 
-        async def one_client() -> None:
+        async def one_client(client: httpx.AsyncClient) -> None:
             for _ in range(requests_per_client):
                 if time.perf_counter() > deadline:
                     return
                 results.append(await stream_completion(client, url, body))
 
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        await asyncio.gather(*(one_client(client) for client in clients))
         duration = time.perf_counter() - start
     return results, duration
 

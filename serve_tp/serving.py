@@ -52,13 +52,15 @@ class CompletionService:
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.context_length = context_length
         self.group = group
-        self.metric_tags = model_tags(config.model_name)
+        # Resolved once: `config.model_name` stats the model path on every read.
+        self.model_name = config.model_name
+        self.metric_tags = model_tags(self.model_name)
 
     # ---- validation ----
     def check_model(self, requested: Optional[str]) -> None:
-        if requested is not None and requested != self.config.model_name:
+        if requested is not None and requested != self.model_name:
             raise APIError(404, f"The model '{requested}' does not exist; this server serves "
-                                f"'{self.config.model_name}'", param="model", code="model_not_found")
+                                f"'{self.model_name}'", param="model", code="model_not_found")
 
     def plan(self, req: CompletionRequest) -> list[SequenceJob]:
         """Every sequence the request asks for, or the first reason it is invalid (400)."""
@@ -202,7 +204,7 @@ class CompletionService:
                 if d.finish_reason:
                     finish[d.index] = d.finish_reason
         return {
-            "id": request_id, "object": "text_completion", "created": created, "model": self.config.model_name,
+            "id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": [{"index": j.index, "text": texts[j.index], "logprobs": None,
                          "finish_reason": finish.get(j.index, "length")} for j in jobs],
             "usage": self._usage(req, jobs, tokens),
@@ -213,7 +215,7 @@ class CompletionService:
 
         Errors after the 200 has gone out can only be told in-band, as an error event.
         """
-        request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.model_name
+        request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
         self._count_prompt_tokens(req, jobs)
 
         def chunk(index: int, text: str, finish: Optional[str]) -> str:
