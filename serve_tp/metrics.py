@@ -89,12 +89,15 @@ class EngineMetrics:
 
     def __init__(self, model: str):
         self.tags = model_tags(model)
+        self._last: Optional[tuple[int, int]] = None
 
     def step(self, batch_size: int, waiting: int, running: int) -> None:
         if batch_size:  # an idle heartbeat is no batch
             BATCH_SIZE.observe(batch_size, self.tags)
-        WAITING.set(waiting, self.tags)
-        RUNNING.set(running, self.tags)
+        if (waiting, running) != self._last:  # gauges hold their value: record changes only
+            WAITING.set(waiting, self.tags)
+            RUNNING.set(running, self.tags)
+            self._last = (waiting, running)
 
 
 def record_rank_health(model: str, replica: str, healthy: list[bool]) -> None:
