@@ -96,4 +96,4 @@ class SequenceBatch:
             logits.append(self.forward.prefill(self.cache, len(self) + start, prompts[start:end]))
         self.seq_ids.extend(seq_ids)
         self.lengths.extend(len(p) for p in prompts)
-        return torch.cat(logits) if len(logits) > 1 else logits[0]
+        return torch.cat(logits)

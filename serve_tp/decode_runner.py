@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from serve_tp.gpt2_forward import GPT2Forward, KVCache, attention_span
+from serve_tp.gpt2_forward import GPT2Forward, KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ def batch_buckets(max_batch: int) -> list[int]:
         sizes.append(size)
         size *= 2
     return sizes + [max_batch]
+
+
+def attention_span(longest: int, max_len: int) -> int:
+    """The power-of-two number of cached positions a decode step attends over (capped)."""
+    span = SMALLEST_SPAN
+    while span < longest:
+        span *= 2
+    return min(span, max_len)
 
 
 def span_buckets(max_len: int) -> list[int]:
@@ -99,7 +107,7 @@ class DecodeRunner:
     def run(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Logits [n, V] for token i at position positions[i] of slot i."""
         n = len(tokens)
-        span = attention_span(max(positions) + 1, self.cache.max_len, SMALLEST_SPAN)
+        span = attention_span(max(positions) + 1, self.cache.max_len)
         if not self._graphs:
             device = self.forward.device
             return self.forward.decode(

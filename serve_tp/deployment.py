@@ -85,7 +85,7 @@ class InferenceDeployment:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         model_config = read_model_config(Path(model_dir))
         check_model_shardable(model_config, self.config.tensor_parallel_size)
-        self.context_length = min(context_length(model_config), self.config.max_model_len or 1 << 62)
+        self.context_length = context_length(model_config, self.config.max_model_len)
         self.group = TPGroup(self.config, device)
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
         self.admission = Admission(self.config.max_ongoing_requests, self.config.max_queued_requests,

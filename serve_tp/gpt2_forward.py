@@ -191,10 +191,3 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-
-def attention_span(longest: int, max_len: int, smallest: int = 64) -> int:
-    """The power-of-two number of cached positions a decode step attends over (capped)."""
-    span = smallest
-    while span < longest:
-        span *= 2
-    return min(span, max_len)

@@ -50,11 +50,14 @@ def read_model_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def context_length(model_config: dict) -> int:
-    """Most tokens (prompt + completion) the model attends over."""
+def context_length(model_config: dict, max_model_len: Optional[int] = None) -> int:
+    """Most tokens (prompt + completion) served: the model's context, capped by max_model_len.
+
+    The replica validates requests and every rank sizes its KV cache with this one value.
+    """
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if key in model_config:
-            return int(model_config[key])
+            return min(int(model_config[key]), max_model_len or int(model_config[key]))
     raise ModelSourceError("model config names no context length (n_positions)")
 
 

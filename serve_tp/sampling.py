@@ -66,8 +66,7 @@ def sample_tokens(
     sampled = [row for row, p in enumerate(params) if p.temperature != 0]
     if not sampled:
         return tokens
-    rows = logits[sampled].float().cpu() if len(sampled) < len(params) else logits.float().cpu()
-    for row_logits, row in zip(rows, sampled):
+    for row_logits, row in zip(logits[sampled].float().cpu(), sampled):
         p = params[row]
         filtered = filter_logits(row_logits / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(filtered, dim=-1)

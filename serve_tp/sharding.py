@@ -80,7 +80,7 @@ def shard_columns(
 def shard_rows(weight: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
     """Row-parallel slice of a Conv1D ([in, out]): keep this rank's input features.
 
-    The bias is not sliced: it is counted once in the all-reduced sum (rank 0 adds it).
+    The bias is not sliced: the all-reduced sum must count it exactly once.
     """
     check_divisible("input features", weight.shape[0], world_size)
     start, end = shard_bounds(weight.shape[0], world_size, rank)

@@ -48,7 +48,7 @@ class InferenceWorker:
         from serve_tp.engine import EngineLoop
         from serve_tp.gpt2_forward import GPT2Forward
         from serve_tp.metrics import EngineMetrics
-        from serve_tp.model_source import resolve_model_dir
+        from serve_tp.model_source import context_length, resolve_model_dir
 
         started = time.monotonic()
         s = self.settings
@@ -59,9 +59,9 @@ class InferenceWorker:
         model_dir = str(resolve_model_dir(s["model"], s["hf_revision"]))
         comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
         model = load_sharded_model(model_dir, s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
-        max_context = min(model.config.n_positions, s.get("max_model_len") or model.config.n_positions)
+        max_context = context_length(model.config.to_dict(), s["max_model_len"])
         batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
-                              s["max_batch_size"], max_context, cuda_graphs=s.get("cuda_graphs", True))
+                              s["max_batch_size"], max_context, cuda_graphs=s["cuda_graphs"])
         batch.capture()  # every rank captures the same graphs, in the same order
         self.engine = EngineLoop(
             batch,

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from transformers import GPT2LMHeadModel
 
 from serve_tp.batch import SequenceBatch, compact, prefill_chunks
-from serve_tp.decode_runner import batch_buckets, bucket_for, span_buckets
-from serve_tp.gpt2_forward import GPT2Forward, attention_span
+from serve_tp.decode_runner import attention_span, batch_buckets, bucket_for, span_buckets
+from serve_tp.gpt2_forward import GPT2Forward
 
 
 @pytest.fixture(scope="module")
