@@ -190,7 +190,7 @@ class Apps:
         return f"http://127.0.0.1:{a.serve_port}{TUTORIAL_PREFIX}"
 
     def start_serve_tp(self) -> str:
-        from serve_tp.app import build_app
+        from serve_tp.api.app import build_app
 
         a = self.args
         extra = dict(kv.split("=", 1) for kv in a.serve_tp_arg)

@@ -10,7 +10,7 @@ node. Verdict: PASS when no request failed, the pids never changed (no replica w
 replaced) and no process grew more than `--max-rss-growth-mib` from the end of the first
 interval (allocator warm-up) to the end; exit status 0 on PASS, 1 on FAIL.
 
-    python -m serve_tp.tiny_model /tmp/soak-tiny
+    python -m serve_tp.model.tiny_model /tmp/soak-tiny
     python -m benchmarks.soak --start --model /tmp/soak-tiny --base-url http://127.0.0.1:8013
     python -m benchmarks.soak --base-url http://127.0.0.1:8000      # a service already up
 """
@@ -78,7 +78,7 @@ def start_service(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     port = urlparse(args.base_url).port or 8000
     # address="local": a fresh instance even if another one (a test's, a `serve run`) is up.

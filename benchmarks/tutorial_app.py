@@ -11,7 +11,7 @@ ranks, rank 0 answers. Changed so it can be benchmarked against serve_tp:
   * `max_ongoing_requests=1`. The tutorial's sync handler lets two requests enter their
     collectives in different orders on different ranks (a hang or garbage); one at a time is
     what it can safely do, and is what it did under light load.
-  * rank 0 binds a free port and the others dial it (serve_tp.distributed), instead of a
+  * rank 0 binds a free port and the others dial it (serve_tp.engine.distributed), instead of a
     random MASTER_PORT retried through `max_restarts`.
   * `POST /v1/completions` with the OpenAI fields the benchmark sends, instead of
     `GET /infer?text=`. `stream: true` is honoured with the whole text as one SSE chunk
@@ -97,7 +97,7 @@ class InferenceWorker:
     def address(self) -> tuple[str, int]:
         import ray
 
-        from serve_tp.distributed import free_port
+        from serve_tp.engine.distributed import free_port
 
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
@@ -106,8 +106,8 @@ class InferenceWorker:
         import torch
         from transformers import AutoTokenizer
 
-        from serve_tp.distributed import init_tp_comm
-        from serve_tp.worker import load_sharded_model
+        from serve_tp.engine.distributed import init_tp_comm
+        from serve_tp.engine.worker import load_sharded_model
 
         cfg = self.cfg
         self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")

@@ -106,7 +106,7 @@ def main():
     import ray
     from ray import serve
 
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     ray.init(num_gpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})

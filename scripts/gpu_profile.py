@@ -32,10 +32,10 @@ def _time(fn, steps):
 
 
 def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
-    from serve_tp.batch import SequenceBatch
-    from serve_tp.distributed import init_tp_comm
-    from serve_tp.gpt2_forward import GPT2Forward
-    from serve_tp.worker import load_sharded_model
+    from serve_tp.engine.batch import SequenceBatch
+    from serve_tp.engine.distributed import init_tp_comm
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.engine.worker import load_sharded_model
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", default="1,8,32,128")
     args = parser.parse_args()
-    from serve_tp.distributed import free_port
+    from serve_tp.engine.distributed import free_port
 
     batches = [int(b) for b in args.batches.split(",")]
     ctx = mp.get_context("spawn")

@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 nvidia-smi -L
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
-python3 -m serve_tp.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
+python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
   echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
 fi

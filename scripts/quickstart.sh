@@ -14,7 +14,7 @@ if [ -z "${MODEL:-}" ]; then
     MODEL=gpt2
   else
     MODEL=models/tiny-gpt2
-    [ -f "$MODEL/config.json" ] || python -m serve_tp.tiny_model "$MODEL"
+    [ -f "$MODEL/config.json" ] || python -m serve_tp.model.tiny_model "$MODEL"
   fi
 fi
 # Logical CPUs: a TP=2 group reserves 3 (replica + 2 ranks), more than a small laptop has.

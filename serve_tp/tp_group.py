@@ -44,7 +44,7 @@ class TPGroup:
     """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
 
     def __init__(self, config: ServeTPConfig, device: str):
-        from serve_tp.worker import InferenceWorker
+        from serve_tp.engine.worker import InferenceWorker
 
         self.config = config
         self.device = device

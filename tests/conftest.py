@@ -22,7 +22,7 @@ class RunningApp:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from serve_tp.tiny_model import build_tiny_gpt2
+    from serve_tp.model.tiny_model import build_tiny_gpt2
 
     return str(build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2"))
 
@@ -57,7 +57,7 @@ def deploy(name: str, route_prefix: str, **args) -> str:
     """serve.run the real app builder with `args`; returns its base URL."""
     from ray import serve
 
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     serve.run(build_app(args), name=name, route_prefix=route_prefix)
     base_url = f"http://127.0.0.1:{SERVE_PORT}{route_prefix.rstrip('/')}"

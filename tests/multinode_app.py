@@ -16,7 +16,7 @@ def main(model_dir: str, strategy: str, port: int) -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

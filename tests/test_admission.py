@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from serve_tp.admission import Admission, serve_routing_limit
-from serve_tp.errors import APIError
+from serve_tp.api.admission import Admission, serve_routing_limit
+from serve_tp.api.errors import APIError
 
 
 async def hold(admission: Admission, release: asyncio.Event):
@@ -75,7 +75,7 @@ def test_serve_routes_what_the_replica_holds_plus_headroom():
 
 
 def test_serve_backstop_answers_with_the_same_status_and_retry_after():
-    from serve_tp.app import backpressure_options, parse_config
+    from serve_tp.api.app import backpressure_options, parse_config
 
     options = backpressure_options(parse_config({"max_ongoing_requests": 8, "max_queued_requests": 16,
                                                  "overload_status_code": "429", "overload_retry_after_s": "2"}))

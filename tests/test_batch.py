@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import GPT2LMHeadModel
 
-from serve_tp.batch import SequenceBatch, compact, prefill_chunks
-from serve_tp.decode_runner import attention_span, batch_buckets, bucket_for, span_buckets
-from serve_tp.gpt2_forward import GPT2Forward
+from serve_tp.engine.batch import SequenceBatch, compact, prefill_chunks
+from serve_tp.engine.decode_runner import attention_span, batch_buckets, bucket_for, span_buckets
+from serve_tp.model.forward import GPT2Forward
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from serve_tp.app import ConfigError, build_app, deployment_options
+from serve_tp.api.app import ConfigError, build_app, deployment_options
 from serve_tp.config import ServeTPConfig
-from serve_tp.model_source import ModelSourceError, check_model_shardable, resolve_model_dir
+from serve_tp.model.source import ModelSourceError, check_model_shardable, resolve_model_dir
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_unreachable_hub_model_names_the_offline_option(monkeypatch, tmp_path):
     with pytest.raises(ModelSourceError) as failure:
         resolve_model_dir("gpt2")
     message = str(failure.value)
-    assert "'gpt2'" in message and "python -m serve_tp.tiny_model" in message
+    assert "'gpt2'" in message and "python -m serve_tp.model.tiny_model" in message
 
 
 def test_missing_local_directory_is_named(tmp_path):

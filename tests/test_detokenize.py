@@ -3,7 +3,7 @@
 import pytest
 from tokenizers import Tokenizer
 
-from serve_tp.detokenize import IncrementalDetokenizer, StopMatcher
+from serve_tp.api.detokenize import IncrementalDetokenizer, StopMatcher
 
 
 @pytest.fixture(scope="module")

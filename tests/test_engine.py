@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from serve_tp.batch import SequenceBatch
-from serve_tp.engine import EngineLoop
-from serve_tp.gpt2_forward import GPT2Forward
-from serve_tp.sampling import SamplingParams
+from serve_tp.engine.batch import SequenceBatch
+from serve_tp.engine.loop import EngineLoop
+from serve_tp.model.forward import GPT2Forward
+from serve_tp.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def deployment_message(app: str) -> str:
 
 def test_startup_error_names_the_numbers(serve_app):
     """Heads (6) not divisible by TP (4): `serve status` says why, with both numbers."""
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     with pytest.raises(RuntimeError):
         serve.run(build_app({"model": serve_app.model_dir, "tensor_parallel_size": 4, "device": "cpu",
@@ -99,7 +99,7 @@ def test_startup_error_names_the_numbers(serve_app):
 
 
 def test_bad_model_path_fails_at_startup_with_its_name(serve_app, tmp_path):
-    from serve_tp.app import build_app
+    from serve_tp.api.app import build_app
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(RuntimeError):

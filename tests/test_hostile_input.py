@@ -22,10 +22,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.errors import APIError, error_response, from_validation_error
-from serve_tp.model_source import context_length, read_model_config
-from serve_tp.protocol import CompletionRequest
-from serve_tp.serving import CompletionService
+from serve_tp.api.errors import APIError, error_response, from_validation_error
+from serve_tp.model.source import context_length, read_model_config
+from serve_tp.api.protocol import CompletionRequest
+from serve_tp.api.serving import CompletionService
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 FIELDS = list(CompletionRequest.model_fields) + ["best_of", "suffix", "logit_bias"]
@@ -188,7 +188,7 @@ def test_planned_params_sample_a_token(service, body, scale):
     the engine loop and with it the whole TP group, for every client."""
     import torch
 
-    from serve_tp.sampling import SamplingParams, make_generator, sample_tokens
+    from serve_tp.engine.sampling import SamplingParams, make_generator, sample_tokens
 
     req = parse(body)
     if isinstance(req, ValidationError):

@@ -2,7 +2,7 @@
 
 import torch
 
-from serve_tp.sampling import SamplingParams, filter_logits, make_generator, sample_tokens
+from serve_tp.engine.sampling import SamplingParams, filter_logits, make_generator, sample_tokens
 
 
 def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed():

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config
 from transformers.pytorch_utils import Conv1D
 
-from serve_tp import sharding
+from serve_tp.model import sharding
 
 
 def conv(in_features, out_features, seed=0):
@@ -65,7 +65,7 @@ def test_heads_not_divisible_names_both_numbers():
 def test_shard_gpt2_rejects_indivisible_heads_before_touching_weights():
     from transformers import GPT2LMHeadModel
 
-    from serve_tp.tp_gpt2 import shard_gpt2
+    from serve_tp.model.loader import shard_gpt2
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=6, n_embd=24, vocab_size=50, n_positions=16))
     before = model.transformer.h[0].attn.c_attn.weight.clone()

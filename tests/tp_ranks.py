@@ -10,7 +10,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from serve_tp.distributed import free_port
+from serve_tp.engine.distributed import free_port
 
 
 def _greedy(batch, prompts: list[list[int]], steps: int):
@@ -29,10 +29,10 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, devic
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        from serve_tp.batch import SequenceBatch
-        from serve_tp.distributed import init_tp_comm
-        from serve_tp.gpt2_forward import GPT2Forward
-        from serve_tp.worker import load_sharded_model
+        from serve_tp.engine.batch import SequenceBatch
+        from serve_tp.engine.distributed import init_tp_comm
+        from serve_tp.model.forward import GPT2Forward
+        from serve_tp.engine.worker import load_sharded_model
 
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":

@@ -4,7 +4,7 @@ Nothing can be downloaded from the Hub in CI or on an air-gapped machine, yet te
 the offline quickstart need a real model directory (config, safetensors, tokenizer).
 The tokenizer is a byte-level BPE, as GPT-2's, trained on text shipped in the package.
 
-    python -m serve_tp.tiny_model models/tiny-gpt2
+    python -m serve_tp.model.tiny_model models/tiny-gpt2
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+CORPUS = Path(__file__).parent.parent / "data" / "corpus.txt"
 EOS = "<|endoftext|>"
 
 

@@ -14,15 +14,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from serve_tp.admission import Admission
-from serve_tp.auth import authorized
+from serve_tp.api.admission import Admission
+from serve_tp.api.auth import authorized
 from serve_tp.config import ServeTPConfig
-from serve_tp.errors import APIError, error_response, from_validation_error, install_handlers
+from serve_tp.api.errors import APIError, error_response, from_validation_error, install_handlers
 from serve_tp.metrics import RequestMetricsMiddleware, record_rank_health
-from serve_tp.model_source import check_model_shardable, context_length, read_model_config, resolve_model_dir
+from serve_tp.model.source import check_model_shardable, context_length, read_model_config, resolve_model_dir
 from serve_tp.placement import rank_bundle_index, replica_bundles
-from serve_tp.protocol import CompletionRequest, CompletionResponse, ModelList
-from serve_tp.serving import CompletionService
+from serve_tp.api.protocol import CompletionRequest, CompletionResponse, ModelList
+from serve_tp.api.serving import CompletionService
 from serve_tp.tp_group import RankFailure, TPGroup
 
 logger = logging.getLogger("ray.serve")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from serve_tp.gpt2_forward import GPT2Forward, KVCache
+from serve_tp.model.forward import GPT2Forward, KVCache
 
 logger = logging.getLogger(__name__)
 

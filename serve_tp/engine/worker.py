@@ -34,7 +34,7 @@ class InferenceWorker:
         """Rank 0: this node's IP and a free port on it, for the others to dial."""
         import ray
 
-        from serve_tp.distributed import free_port
+        from serve_tp.engine.distributed import free_port
 
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
@@ -43,12 +43,12 @@ class InferenceWorker:
         """Join the process group, load and shard the model, start the engine loop."""
         import torch
 
-        from serve_tp.batch import SequenceBatch
-        from serve_tp.distributed import init_tp_comm
-        from serve_tp.engine import EngineLoop
-        from serve_tp.gpt2_forward import GPT2Forward
+        from serve_tp.engine.batch import SequenceBatch
+        from serve_tp.engine.distributed import init_tp_comm
+        from serve_tp.engine.loop import EngineLoop
+        from serve_tp.model.forward import GPT2Forward
         from serve_tp.metrics import EngineMetrics
-        from serve_tp.model_source import context_length, resolve_model_dir
+        from serve_tp.model.source import context_length, resolve_model_dir
 
         started = time.monotonic()
         s = self.settings
@@ -93,7 +93,7 @@ class InferenceWorker:
 
     async def submit(self, seq_id: str, prompt_ids: list[int], params: dict) -> None:
         """Rank 0: queue one sequence; its tokens come back through `poll`."""
-        from serve_tp.sampling import SamplingParams
+        from serve_tp.engine.sampling import SamplingParams
 
         self._bind_event_loop()
         self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), lambda out: self._post(seq_id, out))
@@ -166,7 +166,7 @@ def load_sharded_model(model_dir: str, dtype_name: str, device, rank: int, world
     import torch
     from transformers import AutoConfig, GPT2LMHeadModel
 
-    from serve_tp.tp_gpt2 import shard_gpt2
+    from serve_tp.model.loader import shard_gpt2
 
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "gpt2":

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from serve_tp.batch import SequenceBatch
-from serve_tp.sampling import SamplingParams, make_generator, sample_tokens
+from serve_tp.engine.batch import SequenceBatch
+from serve_tp.engine.sampling import SamplingParams, make_generator, sample_tokens
 
 logger = logging.getLogger(__name__)
 

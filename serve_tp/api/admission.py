@@ -14,7 +14,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from serve_tp.errors import APIError
+from serve_tp.api.errors import APIError
 
 
 def serve_routing_limit(max_running: int, max_waiting: int) -> int:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from serve_tp import sharding
+from serve_tp.model import sharding
 
 AllReduce = Callable[[torch.Tensor], None]
 

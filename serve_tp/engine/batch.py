@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from serve_tp.decode_runner import DecodeRunner
-from serve_tp.gpt2_forward import GPT2Forward
+from serve_tp.engine.decode_runner import DecodeRunner
+from serve_tp.model.forward import GPT2Forward
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass; bounds its activations
 

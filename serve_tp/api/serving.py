@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.detokenize import IncrementalDetokenizer, StopMatcher
-from serve_tp.errors import APIError, error_body
+from serve_tp.api.detokenize import IncrementalDetokenizer, StopMatcher
+from serve_tp.api.errors import APIError, error_body
 from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
-from serve_tp.protocol import CompletionRequest
+from serve_tp.api.protocol import CompletionRequest
 from serve_tp.tp_group import RankFailure, TPGroup
 
 SEED_MASK = 2**64 - 1

@@ -11,7 +11,7 @@ from typing import Optional
 
 OFFLINE_HINT = (
     "With no Hub access, build a small offline GPT-2 with "
-    "`python -m serve_tp.tiny_model models/tiny-gpt2` and pass model=models/tiny-gpt2, "
+    "`python -m serve_tp.model.tiny_model models/tiny-gpt2` and pass model=models/tiny-gpt2, "
     "or pass model=<a local directory holding config.json, weights and tokenizer>."
 )
 
@@ -63,7 +63,7 @@ def context_length(model_config: dict, max_model_len: Optional[int] = None) -> i
 
 def check_model_shardable(model_config: dict, tensor_parallel_size: int) -> None:
     """Fail at startup, with both numbers, before any rank loads weights."""
-    from serve_tp.sharding import check_gpt2_shardable
+    from serve_tp.model.sharding import check_gpt2_shardable
 
     if model_config.get("model_type") != "gpt2":
         raise ModelSourceError(

@@ -1,0 +1,101 @@
+"""Serve application builder: `serve run serve_tp.app:build_app key=value ...`.
+
+Follows Ray Serve's app-builder convention: one dict argument (the `args:` of a Serve
+config, or `key=value` pairs from the CLI), validated once, here, at build time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from serve_tp.api.admission import serve_routing_limit
+from serve_tp.api.auth import api_key_digest
+from serve_tp.config import ServeTPConfig
+from serve_tp.api.deployment import InferenceDeployment
+from serve_tp.placement import deployment_placement
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A bad setting, named, caught before any replica starts."""
+
+
+def parse_config(args: dict[str, Any]) -> ServeTPConfig:
+    try:
+        return ServeTPConfig.model_validate(dict(args))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid serve_tp settings: {problems}") from None
+
+
+def cluster_gpus() -> float:
+    """GPUs the Ray cluster offers now, or this machine's if no cluster is connected."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0))
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    return float(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators() or 0)
+
+
+def resolve_device(config: ServeTPConfig) -> str:
+    """auto → cuda when the cluster has GPUs. Autoscaling GPU clusters should say cuda."""
+    if config.device != "auto":
+        return config.device
+    return "cuda" if cluster_gpus() >= 1 else "cpu"
+
+
+def backpressure_options(config: ServeTPConfig) -> dict:
+    """Serve's limits, around the replica's own queue (serve_tp/api/admission.py).
+
+    The replica runs max_ongoing_requests and queues max_queued_requests itself, so that a
+    refusal carries our error shape. Serve's router keeps a queue of max_queued_requests
+    too, the only one while no replica is ready (starting, being replaced); its refusals
+    carry the same status and Retry-After but Serve's plain-text body. It also counts
+    requests it is still assigning, so a burst far larger than that queue is partly
+    refused there even when the replica has room.
+    """
+    if config.max_queued_requests < 0:  # unbounded: Serve's router holds the queue
+        return {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": -1}
+    return {
+        "max_ongoing_requests": serve_routing_limit(config.max_ongoing_requests, config.max_queued_requests),
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": BackpressureConfig(
+            status_code=config.overload_status_code, retry_after_s=config.overload_retry_after_s),
+    }
+
+
+def deployment_options(config: ServeTPConfig, device: str) -> dict:
+    options = deployment_placement(config, device)
+    options.update(backpressure_options(config))
+    options.update(
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_timeout_s=30,
+    )
+    if config.autoscaling_config is not None:
+        options["autoscaling_config"] = config.autoscaling_config.model_dump()
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_config(args)
+    device = resolve_device(config)
+    if device == "cpu" and config.dtype == "float16":
+        raise ConfigError("dtype float16 is not supported on cpu (device resolved from 'auto'): use float32")
+    options = deployment_options(config, device)
+    logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
+    return InferenceDeployment.options(**options).bind(
+        config.model_dump(mode="json"), device, api_key_digest()
+    )

@@ -1,0 +1,1 @@
+"""What runs on every tensor-parallel rank: the rank actor, scheduling, execution, sampling."""

@@ -1,0 +1,116 @@
+"""The typed messages that cross the Ray boundary between the replica and its ranks.
+
+Torch-free, so the HTTP replica (which never imports torch) and the ranks share one
+definition: the settings a rank starts with, what one sequence asks for, and what a
+poll of rank 0 returns. Adding a sampling field is one edit here plus the code that
+uses it, checked by type checkers instead of string keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    """The resolved parts of ServeTPConfig every rank needs (built once by the replica)."""
+
+    model: str
+    served_model_name: str  # the model tag of rank 0's metrics
+    device: Literal["cuda", "cpu"]
+    dtype: str  # "float32" | "float16" | "bfloat16", already resolved for the device
+    max_batch_size: int
+    context_length: int  # the KV cache's positions per slot: min(n_positions, max_model_len)
+    hf_revision: Optional[str] = None
+    cuda_graphs: bool = True
+    batch_wait_timeout_s: float = 0.002
+    collective_timeout_s: float = 900.0
+    stall_timeout_s: float = 60.0
+    max_logprobs: int = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What decides one sequence's tokens and when it ends (vLLM's semantics where OpenAI is silent).
+
+    `temperature == 0` is greedy. `seed is None` means the engine draws a random seed for
+    the sequence; its noise then depends only on (seed, position), never on its batch
+    neighbours. `logprobs`/`prompt_logprobs` ask for that many top alternatives (0: the
+    chosen token's only); None asks for none.
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence submitted to rank 0."""
+
+    seq_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A position's chosen token and its log-probability under the model's raw distribution,
+    with the `top` alternatives (id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class SequenceOutput:
+    """New tokens of one sequence since the last poll (several steps may be merged).
+
+    `logprobs` has one entry per token in `token_ids` when the sequence asked for them.
+    `prompt_logprobs` comes once, with the first output of a sequence that asked for it:
+    one entry per prompt token, the first None (nothing precedes it).
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+
+    def merge(self, later: "SequenceOutput") -> "SequenceOutput":
+        """This output followed by `later`, as one."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return SequenceOutput(
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            finish_reason=later.finish_reason,
+            error=later.error,
+        )
