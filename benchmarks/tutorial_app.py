@@ -107,7 +107,7 @@ class InferenceWorker:
         from transformers import AutoTokenizer
 
         from serve_tp.engine.distributed import init_tp_comm
-        from serve_tp.engine.worker import load_sharded_model
+        from serve_tp.model.loader import load_sharded_model
 
         cfg = self.cfg
         self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")

@@ -35,7 +35,7 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     from serve_tp.engine.batch import SequenceBatch
     from serve_tp.engine.distributed import init_tp_comm
     from serve_tp.model.forward import GPT2Forward
-    from serve_tp.engine.worker import load_sharded_model
+    from serve_tp.model.loader import load_sharded_model
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)

@@ -99,6 +99,9 @@ class ServeTPConfig(BaseModel):
     overload_retry_after_s: int = Field(
         1, ge=0, le=3600, description="Retry-After (seconds) on a refused request."
     )
+    max_logprobs: int = Field(
+        20, ge=0, le=1000, description="Largest `logprobs` (top alternatives per token) a request may ask for."
+    )
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt).")
     max_prompts_per_request: int = Field(16, ge=1, description="Largest prompt list.")
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest prompt string accepted.")

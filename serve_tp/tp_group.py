@@ -14,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
+from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
 from serve_tp.placement import rank_bundle_index, rank_resources
 
 logger = logging.getLogger(__name__)
@@ -32,35 +33,36 @@ def _coalesce(item, queue: asyncio.Queue):
     When the client side falls behind the engine (many streams), each chunk then carries
     every token that is ready instead of one, so the stream catches up rather than lags.
     """
-    while not isinstance(item, BaseException) and item["finish_reason"] is None and not queue.empty():
+    while not isinstance(item, BaseException) and item.finish_reason is None and not queue.empty():
         following = queue.get_nowait()
         if isinstance(following, BaseException):
             return following
-        item = {**following, "token_ids": item["token_ids"] + following["token_ids"]}
+        item = item.merge(following)
     return item
 
 
 class TPGroup:
     """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
 
-    def __init__(self, config: ServeTPConfig, device: str):
+    def __init__(self, config: ServeTPConfig, device: str, context_length: int):
         from serve_tp.engine.worker import InferenceWorker
 
         self.config = config
         self.device = device
-        settings = {
-            "model": config.model,
-            "served_model_name": config.model_name,  # the model tag of rank 0's metrics
-            "hf_revision": config.hf_revision,
-            "device": device,
-            "dtype": config.resolved_dtype(device),
-            "max_batch_size": config.max_batch_size,
-            "max_model_len": config.max_model_len,
-            "cuda_graphs": config.cuda_graphs,
-            "batch_wait_timeout_s": config.batch_wait_timeout_s,
-            "collective_timeout_s": config.startup_timeout_s,
-            "stall_timeout_s": config.stall_timeout_s,
-        }
+        settings = RankSettings(
+            model=config.model,
+            served_model_name=config.model_name,
+            hf_revision=config.hf_revision,
+            device=device,
+            dtype=config.resolved_dtype(device),
+            max_batch_size=config.max_batch_size,
+            context_length=context_length,
+            cuda_graphs=config.cuda_graphs,
+            batch_wait_timeout_s=config.batch_wait_timeout_s,
+            collective_timeout_s=config.startup_timeout_s,
+            stall_timeout_s=config.stall_timeout_s,
+            max_logprobs=config.max_logprobs,
+        )
         placement_group = ray.util.get_current_placement_group()
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)
@@ -99,10 +101,11 @@ class TPGroup:
             raise RankFailure(f"TP group did not start within startup_timeout_s={timeout}") from exc
         return self.rank_info
 
-    async def generate(self, seq_id: str, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
-        """One sequence's stream of {"token_ids", "finish_reason", "error"} from rank 0."""
+    async def generate(self, request: SequenceRequest) -> AsyncIterator[SequenceOutput]:
+        """One sequence's outputs from rank 0, until one carries a finish reason."""
         if self._poll_failure is not None:
             raise RankFailure(self._poll_failure)
+        seq_id = request.seq_id
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[seq_id] = queue
         if self._poller is None or self._poller.done():
@@ -110,14 +113,14 @@ class TPGroup:
         finished = False
         try:
             try:
-                await self.workers[0].submit.remote(seq_id, prompt_ids, params)
+                await self.workers[0].submit.remote(request)
             except ray.exceptions.RayError as exc:
                 raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
             while not finished:
                 item = _coalesce(await queue.get(), queue)
                 if isinstance(item, BaseException):
                     raise item
-                finished = item["finish_reason"] is not None
+                finished = item.finish_reason is not None
                 yield item
         finally:
             self._queues.pop(seq_id, None)

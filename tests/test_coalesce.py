@@ -2,11 +2,12 @@
 
 import asyncio
 
+from serve_tp.messages import SequenceOutput
 from serve_tp.tp_group import RankFailure, _coalesce
 
 
 def out(tokens, finish=None):
-    return {"token_ids": tokens, "finish_reason": finish, "error": None}
+    return SequenceOutput(token_ids=tokens, finish_reason=finish)
 
 
 def queue_of(*items):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from serve_tp.engine.batch import SequenceBatch
 from serve_tp.engine.loop import EngineLoop
 from serve_tp.model.forward import GPT2Forward
-from serve_tp.engine.sampling import SamplingParams
+from serve_tp.messages import SamplingParams, SequenceRequest
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,10 @@ def test_sequences_joining_mid_flight_get_their_solo_tokens(engine, model_and_to
     prompts = [tokenizer.encode(p) for p in ("The quick brown fox jumps", "Hi", "Tensor parallelism splits")]
     lengths = [40, 12, 25]
     sinks = [Collector() for _ in prompts]
-    engine.submit("a", prompts[0], greedy(lengths[0]), sinks[0])
+    engine.submit(SequenceRequest("a", tuple(prompts[0]), greedy(lengths[0])), sinks[0])
     assert sinks[0].first.wait(30)  # "a" is decoding before the others arrive
-    engine.submit("b", prompts[1], greedy(lengths[1]), sinks[1])
-    engine.submit("c", prompts[2], greedy(lengths[2]), sinks[2])
+    engine.submit(SequenceRequest("b", tuple(prompts[1]), greedy(lengths[1])), sinks[1])
+    engine.submit(SequenceRequest("c", tuple(prompts[2]), greedy(lengths[2])), sinks[2])
     for sink, prompt, n in zip(sinks, prompts, lengths):
         assert sink.done.wait(60)
         assert sink.finish == "length"
@@ -77,7 +77,7 @@ def test_more_sequences_than_the_batch_wait_their_turn(engine, model_and_tokeniz
     prompt = tokenizer.encode("Hello world.")
     sinks = [Collector() for _ in range(7)]  # max_batch_size is 4
     for i, sink in enumerate(sinks):
-        engine.submit(str(i), prompt, greedy(5 + i), sink)
+        engine.submit(SequenceRequest(str(i), tuple(prompt), greedy(5 + i)), sink)
     expected = alone(model, prompt, 11)
     for i, sink in enumerate(sinks):
         assert sink.done.wait(60)
@@ -88,8 +88,8 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(engine, model_and_token
     model, tokenizer = model_and_tokenizer
     prompt = tokenizer.encode("Once upon a time")
     long_sink, other = Collector(), Collector()
-    engine.submit("long", prompt, greedy(200), long_sink)
-    engine.submit("other", prompt, greedy(20), other)
+    engine.submit(SequenceRequest("long", tuple(prompt), greedy(200)), long_sink)
+    engine.submit(SequenceRequest("other", tuple(prompt), greedy(20)), other)
     assert long_sink.first.wait(30)
     engine.cancel("long")
     assert long_sink.done.wait(30) and long_sink.finish == "cancelled"
@@ -113,8 +113,8 @@ def test_eos_ends_a_sequence_unless_ignored(engine, model_and_tokenizer):
         pytest.skip("the tiny model never emits EOS greedily from these prompts")
     stop_at = solo.index(eos) + 1
     stopped, ignored = Collector(), Collector()
-    engine.submit("stop", ids, SamplingParams(max_tokens=60, temperature=0), stopped)
-    engine.submit("ignore", ids, greedy(stop_at + 3), ignored)
+    engine.submit(SequenceRequest("stop", tuple(ids), SamplingParams(max_tokens=60, temperature=0)), stopped)
+    engine.submit(SequenceRequest("ignore", tuple(ids), greedy(stop_at + 3)), ignored)
     assert stopped.done.wait(60) and ignored.done.wait(60)
     assert (stopped.finish, stopped.tokens) == ("stop", solo[:stop_at])
     assert (ignored.finish, len(ignored.tokens)) == ("length", stop_at + 3)

@@ -32,7 +32,7 @@ def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, devic
         from serve_tp.engine.batch import SequenceBatch
         from serve_tp.engine.distributed import init_tp_comm
         from serve_tp.model.forward import GPT2Forward
-        from serve_tp.engine.worker import load_sharded_model
+        from serve_tp.model.loader import load_sharded_model
 
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":

@@ -86,7 +86,7 @@ class InferenceDeployment:
         model_config = read_model_config(Path(model_dir))
         check_model_shardable(model_config, self.config.tensor_parallel_size)
         self.context_length = context_length(model_config, self.config.max_model_len)
-        self.group = TPGroup(self.config, device)
+        self.group = TPGroup(self.config, device, self.context_length)
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
         self.admission = Admission(self.config.max_ongoing_requests, self.config.max_queued_requests,
                                    self.config.overload_status_code, self.config.overload_retry_after_s)

@@ -15,6 +15,7 @@ from serve_tp.api.detokenize import IncrementalDetokenizer, StopMatcher
 from serve_tp.api.errors import APIError, error_body
 from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
 from serve_tp.api.protocol import CompletionRequest
+from serve_tp.messages import SamplingParams, SequenceOutput, SequenceRequest
 from serve_tp.tp_group import RankFailure, TPGroup
 
 SEED_MASK = 2**64 - 1
@@ -34,7 +35,7 @@ class SequenceJob:
     index: int
     prompt_text: str
     prompt_ids: list[int]
-    params: dict
+    params: SamplingParams
     stops: list[str]
 
 
@@ -105,8 +106,8 @@ class CompletionService:
                 )
             for choice in range(req.n):
                 seed = None if req.seed is None else (req.seed + choice) & SEED_MASK
-                params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                          "top_k": req.top_k or 0, "seed": seed, "ignore_eos": req.ignore_eos}
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                        top_k=req.top_k or 0, seed=seed, ignore_eos=req.ignore_eos)
                 jobs.append(SequenceJob(p_index * req.n + choice, prompt, ids, params, stops))
         return jobs
 
@@ -115,14 +116,14 @@ class CompletionService:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(job.stops)
         produced = 0
-        items = self.group.generate(f"{request_id}-{job.index}", job.prompt_ids, job.params)
-        async for item in self._timed(items):
-            if item["error"]:
+        request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), job.params)
+        async for item in self._timed(self.group.generate(request)):
+            if item.error:
                 raise APIError(503, f"the model group failed while generating: {item['error']}",
                                code="engine_failure", headers={"Retry-After": "5"})
-            produced += len(item["token_ids"])
-            finish = item["finish_reason"]
-            text = stops.feed(detok.push(item["token_ids"]))
+            produced += len(item.token_ids)
+            finish = item.finish_reason
+            text = stops.feed(detok.push(item.token_ids))
             if stops.stopped:  # leaving the generator cancels the sequence on rank 0
                 yield TextDelta(job.index, text, "stop", produced)
                 return
@@ -137,12 +138,12 @@ class CompletionService:
             if text:
                 yield TextDelta(job.index, text, None, produced)
 
-    async def _timed(self, items: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    async def _timed(self, items: AsyncIterator[SequenceOutput]) -> AsyncIterator[SequenceOutput]:
         """Rank 0's items for one sequence, timed as they arrive (TTFT, TPOT, tokens)."""
         timer = SequenceTimer(self.metric_tags)
         try:
             async for item in items:
-                timer.tokens_arrived(len(item["token_ids"]))
+                timer.tokens_arrived(len(item.token_ids))
                 yield item
         finally:
             timer.finished()

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from serve_tp.engine.batch import SequenceBatch
-from serve_tp.engine.sampling import SamplingParams, make_generator, sample_tokens
+from serve_tp.engine.sampling import make_generator, sample_tokens
+from serve_tp.messages import SamplingParams, SequenceOutput, SequenceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,7 @@ class StepPlan:
     shutdown: bool = False
 
 
-@dataclass
-class StepOutput:
-    """Tokens sampled for one sequence in one step, delivered to its caller."""
-
-    token_ids: list[int]
-    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
-    error: Optional[str] = None
-
-
-Sink = Callable[[StepOutput], None]
+Sink = Callable[[SequenceOutput], None]
 Broadcast = Callable[[Optional[StepPlan]], StepPlan]
 
 
@@ -135,14 +127,14 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+    def submit(self, request: SequenceRequest, sink: Sink) -> None:
         """Queue a sequence (rank 0 only); its tokens arrive through `sink`."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 accepts sequences")
         with self._cond:
             if self.failure is not None:
                 raise RuntimeError(f"engine failed: {self.failure!r}")
-            self._pending.append(_Sequence(seq_id, list(prompt_ids), params, sink))
+            self._pending.append(_Sequence(request.seq_id, list(request.prompt_ids), request.params, sink))
             self._cond.notify()
 
     def cancel(self, seq_id: str) -> None:
@@ -240,11 +232,11 @@ class EngineLoop:
         if self._cancelled:
             for seq in [s for s in self._pending if s.seq_id in self._cancelled]:
                 self._pending.remove(seq)
-                seq.sink(StepOutput([], "cancelled"))
+                seq.sink(SequenceOutput([], finish_reason="cancelled"))
             for sid in self._cancelled & self._active.keys():
                 if sid not in evict:
                     evict.append(sid)
-                    self._active[sid].sink(StepOutput([], "cancelled"))
+                    self._active[sid].sink(SequenceOutput([], finish_reason="cancelled"))
             self._cancelled.clear()
         for sid in evict:
             self._active.pop(sid, None)
@@ -264,7 +256,7 @@ class EngineLoop:
         for seq, token in zip(seqs, tokens):
             if token is None:
                 self._to_evict.append(seq.seq_id)
-                seq.sink(StepOutput([], "error", error="sampling failed for this sequence"))
+                seq.sink(SequenceOutput([], finish_reason="error", error="sampling failed for this sequence"))
                 continue
             seq.generated += 1
             finish = None
@@ -276,12 +268,12 @@ class EngineLoop:
                 finish = "length"
             if finish is None:
                 seq.next_token = token
-                seq.sink(StepOutput([token]))
+                seq.sink(SequenceOutput([token]))
             else:
                 self._to_evict.append(seq.seq_id)
                 # EOS counts as a completion token (as vLLM and OpenAI count it); the
                 # detokenizer skips it as a special token.
-                seq.sink(StepOutput([token], finish))
+                seq.sink(SequenceOutput([token], finish_reason=finish))
 
     def _sample_one(self, logits: torch.Tensor, seq: _Sequence) -> Optional[int]:
         try:
@@ -297,6 +289,6 @@ class EngineLoop:
             self._pending.clear()
         for seq in doomed:
             try:
-                seq.sink(StepOutput([], "error", error=message))
+                seq.sink(SequenceOutput([], finish_reason="error", error=message))
             except Exception:  # a sink whose caller is gone
                 pass

@@ -6,22 +6,11 @@ so every rank feeds the same tokens whatever its floating-point noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What decides one sequence's tokens and when it ends."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: no top-k cut
-    seed: Optional[int] = None
-    ignore_eos: bool = False
+from serve_tp.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> Optional[torch.Generator]:

@@ -12,19 +12,21 @@ import threading
 import time
 from typing import Optional
 
+from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
+
 logger = logging.getLogger(__name__)
 
 
 class InferenceWorker:
     """Loads its shard, joins the group, and runs the engine loop on a thread."""
 
-    def __init__(self, rank: int, world_size: int, settings: dict):
+    def __init__(self, rank: int, world_size: int, settings: RankSettings):
         self.rank = rank
         self.world_size = world_size
-        self.settings = settings  # the resolved fields of ServeTPConfig that ranks need
+        self.settings = settings
         self.engine = None
         self.info: dict = {}
-        self._outbox: dict[str, list] = {}  # seq_id -> outputs not yet polled (rank 0)
+        self._outbox: dict[str, list[SequenceOutput]] = {}  # seq_id -> outputs not yet polled (rank 0)
         self._outbox_lock = threading.Lock()
         self._signalled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -47,21 +49,22 @@ class InferenceWorker:
         from serve_tp.engine.distributed import init_tp_comm
         from serve_tp.engine.loop import EngineLoop
         from serve_tp.model.forward import GPT2Forward
+        from serve_tp.model.loader import load_sharded_model
         from serve_tp.metrics import EngineMetrics
-        from serve_tp.model.source import context_length, resolve_model_dir
+        from serve_tp.model.source import resolve_model_dir
 
         started = time.monotonic()
         s = self.settings
-        device = torch.device("cuda", 0) if s["device"] == "cuda" else torch.device("cpu")
+        device = torch.device("cuda", 0) if s.device == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        model_dir = str(resolve_model_dir(s["model"], s["hf_revision"]))
-        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s["collective_timeout_s"])
-        model = load_sharded_model(model_dir, s["dtype"], device, self.rank, self.world_size, comm.all_reduce)
-        max_context = context_length(model.config.to_dict(), s["max_model_len"])
+        model_dir = str(resolve_model_dir(s.model, s.hf_revision))
+        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s.collective_timeout_s)
+        model = load_sharded_model(model_dir, s.dtype, device, self.rank, self.world_size, comm.all_reduce)
+        max_context = s.context_length
         batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
-                              s["max_batch_size"], max_context, cuda_graphs=s["cuda_graphs"])
+                              s.max_batch_size, max_context, cuda_graphs=s.cuda_graphs)
         batch.capture()  # every rank captures the same graphs, in the same order
         self.engine = EngineLoop(
             batch,
@@ -69,9 +72,9 @@ class InferenceWorker:
             self.rank,
             eos_token_id=model.config.eos_token_id,
             max_context=max_context,
-            max_batch_size=s["max_batch_size"],
-            batch_wait_s=s["batch_wait_timeout_s"],
-            on_step=EngineMetrics(s["served_model_name"]).step if self.rank == 0 else None,
+            max_batch_size=s.max_batch_size,
+            batch_wait_s=s.batch_wait_timeout_s,
+            on_step=EngineMetrics(s.served_model_name).step if self.rank == 0 else None,
         )
         self.engine.start()
         import ray
@@ -84,26 +87,25 @@ class InferenceWorker:
             "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "backend": backend,
-            "dtype": s["dtype"],
+            "dtype": s.dtype,
             "kv_cache_mib": round(batch.cache.nbytes / 2**20, 1),
             "cuda_graphs": batch.runner.graph_count,
             "load_s": round(time.monotonic() - started, 2),
         }
         return self.info
 
-    async def submit(self, seq_id: str, prompt_ids: list[int], params: dict) -> None:
-        """Rank 0: queue one sequence; its tokens come back through `poll`."""
-        from serve_tp.engine.sampling import SamplingParams
-
+    async def submit(self, request: SequenceRequest) -> None:
+        """Rank 0: queue one sequence; its outputs come back through `poll`."""
         self._bind_event_loop()
-        self.engine.submit(seq_id, prompt_ids, SamplingParams(**params), lambda out: self._post(seq_id, out))
+        seq_id = request.seq_id
+        self.engine.submit(request, lambda out: self._post(seq_id, out))
 
     def _bind_event_loop(self) -> None:
         """The actor's loop and the event `_post` sets from the engine thread (made on first use)."""
         if self._ready is None:
             self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
 
-    def _post(self, seq_id: str, out) -> None:
+    def _post(self, seq_id: str, out: SequenceOutput) -> None:
         """Engine thread: file a sequence's output; wake `poll` once per burst, not per token."""
         with self._outbox_lock:
             self._outbox.setdefault(seq_id, []).append(out)
@@ -112,7 +114,7 @@ class InferenceWorker:
             self._signalled = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def poll(self, timeout_s: float) -> dict[str, dict]:
+    async def poll(self, timeout_s: float) -> dict[str, SequenceOutput]:
         """Rank 0: every sequence's new tokens since the last poll, waiting up to `timeout_s`.
 
         One call carries the whole batch's step (or several steps), so streaming costs one
@@ -128,9 +130,10 @@ class InferenceWorker:
             self._ready.clear()
         merged = {}
         for seq_id, outs in box.items():
-            token_ids = [t for out in outs for t in out.token_ids]
-            last = outs[-1]
-            merged[seq_id] = {"token_ids": token_ids, "finish_reason": last.finish_reason, "error": last.error}
+            out = outs[0]
+            for later in outs[1:]:
+                out = out.merge(later)
+            merged[seq_id] = out
         return merged
 
     def cancel(self, seq_id: str) -> None:
@@ -143,7 +146,7 @@ class InferenceWorker:
         if engine is None:
             return {"rank": self.rank, "healthy": False, "reason": "not set up"}
         age = time.monotonic() - engine.last_step_at
-        stall = self.settings["stall_timeout_s"]
+        stall = self.settings.stall_timeout_s
         reason: Optional[str] = None
         if engine.failure is not None:
             reason = f"engine failed: {engine.failure!r}"
@@ -159,30 +162,3 @@ class InferenceWorker:
         if self.engine is not None:
             self.engine.stop()
 
-
-def load_sharded_model(model_dir: str, dtype_name: str, device, rank: int, world_size: int, all_reduce):
-    """Load GPT-2 on CPU, keep this rank's shard, hand it to deepspeed.init_inference."""
-    import deepspeed
-    import torch
-    from transformers import AutoConfig, GPT2LMHeadModel
-
-    from serve_tp.model.loader import shard_gpt2
-
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "gpt2":
-        raise ValueError(
-            f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'); "
-            f"{model_dir} is '{config.model_type}'"
-        )
-    dtype = getattr(torch, dtype_name)
-    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    shard_gpt2(model, world_size, rank, all_reduce)
-    # Our shard is already split, so DeepSpeed sees tp_size 1: its AutoTP would refuse GPT-2
-    # and its injection-policy path mis-splits Conv1D. It still places and casts the module.
-    engine = deepspeed.init_inference(
-        model, dtype=dtype, replace_with_kernel_inject=False, tensor_parallel={"tp_size": 1}
-    )
-    module = engine.module
-    module.to(device)
-    return module

@@ -75,3 +75,29 @@ def shard_gpt2(model: nn.Module, world_size: int, rank: int, all_reduce: AllRedu
             all_reduce,
         )
     return model
+
+
+def load_sharded_model(model_dir: str, dtype_name: str, device, rank: int, world_size: int, all_reduce):
+    """Load GPT-2 on CPU, keep this rank's shard, hand it to deepspeed.init_inference."""
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "gpt2":
+        raise ValueError(
+            f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'); "
+            f"{model_dir} is '{config.model_type}'"
+        )
+    dtype = getattr(torch, dtype_name)
+    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    shard_gpt2(model, world_size, rank, all_reduce)
+    # Our shard is already split, so DeepSpeed sees tp_size 1: its AutoTP would refuse GPT-2
+    # and its injection-policy path mis-splits Conv1D. It still places and casts the module.
+    engine = deepspeed.init_inference(
+        model, dtype=dtype, replace_with_kernel_inject=False, tensor_parallel={"tp_size": 1}
+    )
+    module = engine.module
+    module.to(device)
+    return module
