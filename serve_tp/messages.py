@@ -93,7 +93,8 @@ class SequenceOutput:
 
     `logprobs` has one entry per token in `token_ids` when the sequence asked for them.
     `prompt_logprobs` comes once, with the first output of a sequence that asked for it:
-    one entry per prompt token, the first None (nothing precedes it).
+    one entry per prompt token, the first None (nothing precedes it). A sequence with
+    max_tokens 0 gets only that, and finishes with "length".
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -101,6 +102,7 @@ class SequenceOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    stop_token_id: Optional[int] = None  # the last token is this stop token: count it, show no text
 
     def merge(self, later: "SequenceOutput") -> "SequenceOutput":
         """This output followed by `later`, as one."""
@@ -113,4 +115,5 @@ class SequenceOutput:
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
             finish_reason=later.finish_reason,
             error=later.error,
+            stop_token_id=later.stop_token_id,
         )

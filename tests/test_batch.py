@@ -57,7 +57,7 @@ def test_decode_matches_hf_after_slots_move(model):
     """Three sequences, the middle one leaves (the last moves into its slot), decoding goes on."""
     batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=4, max_len=model.config.n_positions)
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4], "c": [20, 21, 22, 23]}
-    first = batch.admit(list(prompts), list(prompts.values()))
+    first, _ = batch.admit(list(prompts), list(prompts.values()))
     seqs = {sid: list(p) for sid, p in prompts.items()}
     for sid, row in zip(prompts, first):
         torch.testing.assert_close(row, hf_next_logits(model, seqs[sid]), rtol=1e-4, atol=1e-4)

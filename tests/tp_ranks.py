@@ -15,7 +15,7 @@ from serve_tp.engine.distributed import free_port
 
 def _greedy(batch, prompts: list[list[int]], steps: int):
     """Greedy tokens and first-step logits for all prompts, decoded as one batch."""
-    logits = batch.admit([str(i) for i in range(len(prompts))], prompts)
+    logits, _ = batch.admit([str(i) for i in range(len(prompts))], prompts)
     first_logits = logits.float().clone()
     tokens = [[int(t)] for t in logits.argmax(-1)]
     for _ in range(steps - 1):

@@ -8,7 +8,7 @@ Every rank applies the same plans to the same state, so all ranks agree on the r
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -68,13 +68,17 @@ class SequenceBatch:
         return compact(self.seq_ids, leaving)[0]
 
     @torch.inference_mode()
-    def evict(self, leaving: Sequence[str]) -> None:
-        """Drop finished or cancelled rows, refilling their slots from the end."""
+    def evict(self, leaving: Sequence[str]) -> list[tuple[int, int]]:
+        """Drop finished or cancelled rows, refilling their slots from the end.
+
+        Returns the (source, target) slot moves, for any per-slot state kept beside the cache.
+        """
         self.seq_ids, moves = compact(self.seq_ids, leaving)
         for source, target in moves:
             self.cache.move(source, target, self.lengths[source])
             self.lengths[target] = self.lengths[source]
         del self.lengths[len(self.seq_ids):]
+        return moves
 
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         """Feed one token per row (in row order); returns next-token logits [B, V]."""
@@ -84,16 +88,25 @@ class SequenceBatch:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def admit(self, seq_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prefill new sequences into the next free slots; returns their logits [n, V]."""
+    def admit(
+        self, seq_ids: Sequence[str], prompts: Sequence[Sequence[int]], keep_prompt_logits: Collection[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Prefill new sequences into the next free slots.
+
+        Returns their last positions' logits [n, V], and the logits of every prompt
+        position [len, V] for the sequences in `keep_prompt_logits` (echo scoring).
+        """
         if len(self) + len(prompts) > self.cache.slots:
             raise ValueError(f"{len(prompts)} new sequences do not fit: {len(self)} of {self.cache.slots} slots used")
         too_long = [len(p) for p in prompts if not 0 < len(p) < self.cache.max_len]
         if too_long:
             raise ValueError(f"prompt of {too_long[0]} tokens does not fit a cache of {self.cache.max_len}")
-        logits = []
+        logits, prompt_logits = [], {}
         for start, end in prefill_chunks(prompts):
-            logits.append(self.forward.prefill(self.cache, len(self) + start, prompts[start:end]))
+            keep = [row for row in range(end - start) if seq_ids[start + row] in keep_prompt_logits]
+            last, every = self.forward.prefill(self.cache, len(self) + start, prompts[start:end], keep)
+            logits.append(last)
+            prompt_logits.update({seq_ids[start + row]: every[row] for row in keep})
         self.seq_ids.extend(seq_ids)
         self.lengths.extend(len(p) for p in prompts)
-        return torch.cat(logits)
+        return torch.cat(logits), prompt_logits

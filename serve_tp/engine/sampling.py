@@ -61,3 +61,30 @@ def sample_tokens(
         probs = torch.softmax(filtered, dim=-1)
         tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]).item())
     return tokens
+
+
+class _Result:
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.has_logprobs = False
+
+
+class Sampler:
+    """Interim adapter over sample_tokens (replaced by the batched device sampler)."""
+
+    def __init__(self, slots, vocab_size, device, eos_token_id=None, max_logprobs=20):
+        self.params = [None] * slots
+        self.generators = [None] * slots
+        self.count = 0
+
+    def admit(self, slot, params, seed, prompt_ids):
+        self.params[slot] = params
+        self.generators[slot] = make_generator(params)
+
+    def move(self, source, target):
+        self.params[target] = self.params[source]
+        self.generators[target] = self.generators[source]
+
+    def sample(self, logits):
+        n = logits.shape[0]
+        return _Result(torch.tensor(sample_tokens(logits, self.params[:n], self.generators[:n])))

@@ -48,6 +48,7 @@ class InferenceWorker:
         from serve_tp.engine.batch import SequenceBatch
         from serve_tp.engine.distributed import init_tp_comm
         from serve_tp.engine.loop import EngineLoop
+        from serve_tp.engine.sampling import Sampler
         from serve_tp.model.forward import GPT2Forward
         from serve_tp.model.loader import load_sharded_model
         from serve_tp.metrics import EngineMetrics
@@ -66,6 +67,10 @@ class InferenceWorker:
         batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
                               s.max_batch_size, max_context, cuda_graphs=s.cuda_graphs)
         batch.capture()  # every rank captures the same graphs, in the same order
+        sampler = None
+        if self.rank == 0:  # rank 0 alone samples, and sends the tokens with the next plan
+            sampler = Sampler(s.max_batch_size, model.config.vocab_size, device,
+                              eos_token_id=model.config.eos_token_id, max_logprobs=s.max_logprobs)
         self.engine = EngineLoop(
             batch,
             comm.broadcast_plan,
@@ -74,6 +79,7 @@ class InferenceWorker:
             max_context=max_context,
             max_batch_size=s.max_batch_size,
             batch_wait_s=s.batch_wait_timeout_s,
+            sampler=sampler,
             on_step=EngineMetrics(s.served_model_name).step if self.rank == 0 else None,
         )
         self.engine.start()

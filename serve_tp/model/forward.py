@@ -117,8 +117,11 @@ class GPT2Forward:
 
     # ---- prefill: new prompts, right-padded, into consecutive slots ----
     @torch.inference_mode()
-    def prefill(self, cache: "KVCache", first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run whole prompts, store their K/V in slots first_slot.., return last-token logits [n, V].
+    def prefill(
+        self, cache: "KVCache", first_slot: int, prompts: Sequence[Sequence[int]], keep_all: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run whole prompts, store their K/V in slots first_slot.., return last-token logits [n, V],
+        and for each row in `keep_all` the logits of all its prompt positions [len, V].
 
         Rows are right-padded: causal attention keeps each real token from seeing the
         padding after it, and decode overwrites the padded positions before reading them.
@@ -140,8 +143,10 @@ class GPT2Forward:
             attn = attn.transpose(1, 2).reshape(n * length, self.num_heads * self.head_dim)
             h = h + self._row_parallel(attn, block.attn_proj)
             h = self._mlp(block, h)
+        h = h.view(n, length, -1)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(h.view(n, length, -1)[torch.arange(n, device=self.device), last])
+        every = {row: self._logits(h[row, : len(prompts[row])]) for row in keep_all}
+        return self._logits(h[torch.arange(n, device=self.device), last]), every
 
     # ---- decode: one token for each of the first `tokens.shape[0]` slots ----
     def decode(self, cache: "KVCache", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:

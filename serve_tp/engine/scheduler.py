@@ -1,0 +1,166 @@
+"""Rank 0's scheduler: the waiting queue, admission, eviction, and each step's plan.
+
+Threads: `submit`, `cancel` and `stop` come from the actor's threads and touch only the
+state behind `_cond` (waiting queue, cancellations, counters). The running sequences
+(`_running`) belong to the engine thread alone. The row order of a plan is not decided
+here: the batch defines it (`rows_after_evict`), and the scheduler asks.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence as Seq
+
+from serve_tp.engine.plan import Admission, StepPlan
+from serve_tp.messages import SequenceOutput, SequenceRequest
+
+HEARTBEAT_S = 1.0  # an idle rank 0 still sends an empty plan this often
+
+Sink = Callable[[SequenceOutput], None]
+
+
+@dataclass
+class Sequence:
+    """Rank 0's record of one sequence, from submission to its finish."""
+
+    request: SequenceRequest
+    sink: Sink
+    seed: int  # the request's seed, or one drawn for it: its noise depends on nothing else
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.seq_id
+
+    @property
+    def params(self):
+        return self.request.params
+
+
+def draw_seed() -> int:
+    """A seed for an unseeded sequence (63 bits: any sampler hashes it into its own counter)."""
+    return random.SystemRandom().getrandbits(63)
+
+
+class Scheduler:
+    def __init__(self, rows_after_evict: Callable[[Seq[str]], list[str]], max_batch_size: int,
+                 batch_wait_s: float):
+        self._rows_after_evict = rows_after_evict
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._cancelled: set[str] = set()
+        self._stopping = False
+        self._failure: Optional[str] = None
+        self._running_count = 0  # len(_running), readable from any thread
+        # engine thread only:
+        self._running: dict[str, Sequence] = {}
+        self._finished: list[str] = []
+
+    # ---- any thread ----
+    def submit(self, request: SequenceRequest, sink: Sink) -> None:
+        seed = request.params.seed if request.params.seed is not None else draw_seed()
+        with self._cond:
+            if self._failure is not None:
+                raise RuntimeError(f"engine failed: {self._failure}")
+            self._waiting.append(Sequence(request, sink, seed))
+            self._cond.notify()
+
+    def cancel(self, seq_id: str) -> None:
+        with self._cond:
+            self._cancelled.add(seq_id)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._waiting) or self._running_count > 0
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"running": self._running_count, "waiting": len(self._waiting)}
+
+    # ---- engine thread ----
+    def sequence(self, seq_id: str) -> Sequence:
+        return self._running[seq_id]
+
+    def finish(self, seq_id: str) -> None:
+        """The output processor ended this sequence; its row leaves with the next plan."""
+        self._finished.append(seq_id)
+
+    def next_plan(self) -> tuple[StepPlan, list[Sequence]]:
+        """The next step's plan and the sequences it admits (waits while idle)."""
+        with self._cond:
+            if not (self._running or self._waiting or self._stopping):
+                self._cond.wait(timeout=HEARTBEAT_S)
+                self._gather_arrivals()
+            if self._stopping:
+                return StepPlan(shutdown=True), []
+            evict, cancelled = self._take_evictions()
+            room = self.max_batch_size - (len(self._running) - len(evict))
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for sid in evict:
+                self._running.pop(sid, None)
+            for seq in admitted:
+                self._running[seq.seq_id] = seq
+            self._running_count = len(self._running)
+        for seq in cancelled:  # outside the lock: a sink may take its own locks
+            seq.sink(SequenceOutput([], finish_reason="cancelled"))
+        rows = self._rows_after_evict(evict)
+        plan = StepPlan(
+            evict=evict,
+            decode_tokens=[self._running[sid].generated[-1] for sid in rows],
+            admit=[Admission(s.seq_id, s.request.prompt_ids, s.params.prompt_logprobs is not None)
+                   for s in admitted],
+        )
+        return plan, admitted
+
+    def _gather_arrivals(self) -> None:
+        """Idle until now: give concurrent arrivals a moment to join this batch."""
+        if not self._waiting or self._running or self.batch_wait_s <= 0:
+            return
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(self._waiting) < self.max_batch_size and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(timeout=left)
+
+    def _take_evictions(self) -> tuple[list[str], list[Sequence]]:
+        """Finished rows plus cancelled ones (called under the lock); cancelled waiting
+        sequences just leave the queue. Returns the evictions and whom to tell 'cancelled'."""
+        evict, self._finished = self._finished, []
+        told: list[Sequence] = []
+        if self._cancelled:
+            for seq in [s for s in self._waiting if s.seq_id in self._cancelled]:
+                self._waiting.remove(seq)
+                told.append(seq)
+            for sid in self._cancelled & self._running.keys():
+                if sid not in evict:
+                    evict.append(sid)
+                    told.append(self._running[sid])
+            self._cancelled.clear()
+        return evict, told
+
+    def fail_all(self, message: str) -> None:
+        """The group failed: every sequence, running or waiting, ends with an error."""
+        with self._cond:
+            self._failure = message
+            doomed = list(self._running.values()) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+            self._running_count = 0
+        for seq in doomed:
+            try:
+                seq.sink(SequenceOutput([], finish_reason="error", error=message))
+            except Exception:  # a sink whose caller is gone
+                pass
