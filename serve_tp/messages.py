@@ -103,6 +103,7 @@ class SequenceOutput:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     stop_token_id: Optional[int] = None  # the last token is this stop token: count it, show no text
+    group_failed: bool = False  # with "error": the whole TP group failed (503), not this sequence alone
 
     def merge(self, later: "SequenceOutput") -> "SequenceOutput":
         """This output followed by `later`, as one."""
@@ -116,4 +117,5 @@ class SequenceOutput:
             finish_reason=later.finish_reason,
             error=later.error,
             stop_token_id=later.stop_token_id,
+            group_failed=later.group_failed,
         )

@@ -161,6 +161,6 @@ class Scheduler:
             self._running_count = 0
         for seq in doomed:
             try:
-                seq.sink(SequenceOutput([], finish_reason="error", error=message))
+                seq.sink(SequenceOutput([], finish_reason="error", error=message, group_failed=True))
             except Exception:  # a sink whose caller is gone
                 pass
