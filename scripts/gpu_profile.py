@@ -62,7 +62,6 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
 
 
 def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
-    from serve_tp.engine.batch import SequenceBatch
     from serve_tp.engine.distributed import init_tp_comm
     from serve_tp.model.forward import GPT2Forward
     from serve_tp.model.loader import load_sharded_model
@@ -74,21 +73,9 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     forward = GPT2Forward(model, rank, world, comm.all_reduce)
     results = {}
     for graphs in (True, False):
-        batch = SequenceBatch(forward, max(batches), model.config.n_positions, cuda_graphs=graphs)
-        batch.capture()
-        results[f"capture_s_{graphs}"] = batch.runner.capture_s
-        for size in batches:
-            ids = [str(i) for i in range(size)]
-            prompts = [[1 + (i + j) % 50 for j in range(32)] for i in range(size)]
-            start = time.perf_counter()
-            batch.admit(ids, prompts)
-            torch.cuda.synchronize()
-            results[("prefill", size)] = 1000 * (time.perf_counter() - start)
-            tokens = [5] * size
-            results[(graphs, size)] = _time(lambda: batch.decode(tokens), steps)
-            batch.evict(ids)
-        # The KV cache of the largest shapes takes half the GPU: free one before the next.
-        del batch
+        _time_pass(forward, model.config.n_positions, batches, steps, graphs, results)
+        # The KV cache of the largest shapes takes half the GPU: the graph pass's is freed
+        # (its batch went out of scope) before the eager pass allocates its own.
         gc.collect()
         torch.cuda.empty_cache()
     plan = {"evict": [], "decode_tokens": [5] * max(batches), "admit": []}
@@ -98,6 +85,24 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     results["broadcast"] = 1000 * (time.perf_counter() - start) / steps
     if rank == 0:
         out.put(("ok", rank, results))
+
+
+def _time_pass(forward, n_positions, batches, steps, graphs, results):
+    from serve_tp.engine.batch import SequenceBatch
+
+    batch = SequenceBatch(forward, max(batches), n_positions, cuda_graphs=graphs)
+    batch.capture()
+    results[f"capture_s_{graphs}"] = batch.runner.capture_s
+    for size in batches:
+        ids = [str(i) for i in range(size)]
+        prompts = [[1 + (i + j) % 50 for j in range(32)] for i in range(size)]
+        start = time.perf_counter()
+        batch.admit(ids, prompts)
+        torch.cuda.synchronize()
+        results[("prefill", size)] = 1000 * (time.perf_counter() - start)
+        tokens = [5] * size
+        results[(graphs, size)] = _time(lambda: batch.decode(tokens), steps)
+        batch.evict(ids)
 
 
 def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s):
