@@ -183,9 +183,10 @@ def check_and_time(rank, mode, buf, op, mine, ref, timing):
     """(exact, max |result - ref|, microseconds per op) of one variant on one shape."""
     _warm(op)
     graph = None
+    # thread_local: NCCL's watchdog thread may query events while we capture (as the engine does)
     if mode == "graph":
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             result = op()
     buf.copy_(mine)
     _barrier(rank)  # both ranks' inputs are in place before anyone reads them
@@ -205,7 +206,7 @@ def check_and_time(rank, mode, buf, op, mine, ref, timing):
         n = timing["iters"]
     else:
         many = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(many):
+        with torch.cuda.graph(many, capture_error_mode="thread_local"):
             for _ in range(timing["graph_ops"]):
                 op()
         _barrier(rank)
@@ -272,7 +273,8 @@ def run_group(rank, port, group, kinds, shapes, timing, inbox, outbox, device_ty
                             rec["exact"], rec["max_abs_diff"], rec["us"] = check_and_time(
                                 rank, mode, buf, op, mine, ref, timing)
                         except Exception as exc:
-                            rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                            first_line = (str(exc).strip().splitlines() or [""])[0]
+                            rec["error"] = f"{type(exc).__name__}: {first_line[:300]}"
                             failed[(name, dtype_name)] = rec["error"]
                     yield rec
             print(f"[rank {rank}] {group}/{kind}: {time.monotonic() - t:.1f}s", flush=True)
