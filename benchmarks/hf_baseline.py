@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional, Sequence
 
 from benchmarks.loadgen import RequestResult
 
@@ -34,7 +35,7 @@ class _TokenClock:
 
 
 class HFGenerate:
-    """One model on one device; `run` serves one request like the servers do (greedy, fixed length)."""
+    """One model on one device; `run` serves one request like the servers do (fixed length)."""
 
     def __init__(self, model_dir: str, device: str, dtype: str = "auto", threads: int = 0):
         import torch
@@ -52,17 +53,25 @@ class HFGenerate:
         ).to(self.device).eval()
         logger.info("hf baseline: %s on %s (%s, %d torch threads)", model_dir, self.device, dtype, torch.get_num_threads())
 
-    def run(self, prompt: str, max_tokens: int) -> RequestResult:
-        """Tokenize, generate max_tokens greedily past EOS, decode: what a server does per request."""
+    def run(self, prompt: str, max_tokens: int, temperature: float = 0, top_p: Optional[float] = None,
+            top_k: Optional[int] = None) -> RequestResult:
+        """Tokenize, generate max_tokens past EOS, decode: what a server does per request.
+
+        temperature 0 is greedy; otherwise HF's sampler with top_p/top_k (None or 0: off).
+        """
         start = time.perf_counter()
         clock = _TokenClock(start)
+        sampling = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": max(top_k or 0, 0),
+                        "top_p": 1.0 if top_p is None else top_p}
         try:
             inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
             with self.torch.inference_mode():
                 out = self.model.generate(
                     **inputs,
                     max_new_tokens=max_tokens,
-                    do_sample=False,
+                    **sampling,
                     eos_token_id=None,  # ignore_eos: a fixed output length
                     pad_token_id=self.tokenizer.eos_token_id,
                     streamer=clock,
@@ -76,6 +85,8 @@ class HFGenerate:
         latency = time.perf_counter() - start
         return RequestResult(
             ok=bool(clock.times),
+            greedy=temperature == 0,
+            max_tokens=max_tokens,
             ttft=clock.times[0] if clock.times else None,
             last_token=clock.times[-1] if clock.times else None,
             latency=latency,
@@ -85,12 +96,17 @@ class HFGenerate:
             tokens_from_usage=True,
         )
 
-    def run_level(self, prompt: str, max_tokens: int, requests: int, level_timeout_s: float):
-        """`requests` in turn (stopping early past the timeout); results and wall time."""
+    def run_bodies(self, bodies: Sequence[dict], level_timeout_s: float) -> tuple[list[RequestResult], float]:
+        """The completion bodies in turn, one at a time (stopping early past the timeout);
+        results and wall time."""
         results: list[RequestResult] = []
         start = time.perf_counter()
-        for _ in range(requests):
+        for index, body in enumerate(bodies):
             if time.perf_counter() - start > level_timeout_s:
                 break
-            results.append(self.run(prompt, max_tokens))
+            sent_at = time.perf_counter() - start
+            res = self.run(body["prompt"], body["max_tokens"], body.get("temperature", 0),
+                           body.get("top_p"), body.get("top_k"))
+            res.index, res.sent_at = index, sent_at
+            results.append(res)
         return results, time.perf_counter() - start

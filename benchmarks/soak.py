@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
-from benchmarks.loadgen import completion_body, percentile, stream_completion
+from benchmarks.loadgen import completion_body, stream_completion
+from benchmarks.stats import percentile
 
 logger = logging.getLogger(__name__)
 APP_NAME = "serve_tp"

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from benchmarks import loadgen, report
+from benchmarks import loadgen, report, stats
 
 
 def sse(*chunks) -> bytes:
@@ -34,10 +34,10 @@ def run_stream(body: bytes, status: int = 200) -> loadgen.RequestResult:
 
 
 def test_percentile_interpolates_like_numpy():
-    assert loadgen.percentile([], 50) is None
-    assert loadgen.percentile([3.0], 99) == 3.0
-    assert loadgen.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
-    assert loadgen.percentile(list(range(101)), 99) == pytest.approx(99)
+    assert stats.percentile([], 50) is None
+    assert stats.percentile([3.0], 99) == 3.0
+    assert stats.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert stats.percentile(list(range(101)), 99) == pytest.approx(99)
 
 
 def test_usage_counts_tokens_over_chunks():
@@ -81,11 +81,17 @@ def test_summary_and_table():
     ok = loadgen.RequestResult(ok=True, ttft=0.1, last_token=0.5, latency=0.6, output_tokens=5,
                                text_chunks=5, tokens_from_usage=True)
     bad = loadgen.RequestResult(ok=False, error="HTTP 503: busy")
-    row = loadgen.summarize("serve_tp", 4, [ok, ok, bad], duration=2.0)
+    row = stats.summarize("serve_tp", 4, [ok, ok, bad], duration=2.0, workload="fixed", sampling="greedy")
     assert (row["requests"], row["errors"]) == (3, 1)
     assert row["requests_per_s"] == pytest.approx(1.0)
     assert row["output_tokens_per_s"] == pytest.approx(5.0)
     assert row["tpot_p50_s"] == pytest.approx(0.1)
     assert row["error_samples"] == ["HTTP 503: busy"]
+    # TPOT 100 ms misses the default 20 ms SLO: no goodput; a 150 ms TPOT SLO takes both.
+    assert (row["slo_met"], row["goodput"]) == (0, 0)
+    loose = stats.summarize("serve_tp", 4, [ok, ok, bad], duration=2.0, slo=stats.SLO(0.2, 0.15))
+    assert (loose["slo_met"], loose["goodput"]) == (2, pytest.approx(1.0))
     table = report.markdown_table([row])
-    assert "| serve_tp | 4 | 3 | 1 | 1.00 | 5.0 | 100.0 | 100.0 | 100.0 | 100.0 | 0.60 |" in table
+    assert ("| serve_tp | fixed | greedy | 4 users | 3 | 1 | 1.00 | 5.0 | 0.00 | 100.0 | 100.0 | 100.0 | 100.0 "
+            "| 0.60 |") in table
+    assert "TTFT ≤ 200 ms and TPOT ≤ 20 ms" in table

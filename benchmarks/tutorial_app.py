@@ -16,8 +16,9 @@ ranks, rank 0 answers. Changed so it can be benchmarked against serve_tp:
   * `POST /v1/completions` with the OpenAI fields the benchmark sends, instead of
     `GET /infer?text=`. `stream: true` is honoured with the whole text as one SSE chunk
     (generate returns only at the end), so a client's time to first token is its latency.
-  * `ignore_eos` (generate with no EOS, so the length is fixed) and seeded sampling (every
-    rank seeds the same, so all ranks pick the same tokens and stay in step).
+  * `ignore_eos` (generate with no EOS, so the length is fixed) and seeded sampling with
+    temperature, top_p and top_k (every rank seeds the same, so all ranks pick the same
+    tokens and stay in step).
 
     serve run benchmarks.tutorial_app:build_app model=/tmp/bench-tiny tensor_parallel_size=2 device=cpu
 """
@@ -74,12 +75,17 @@ class TutorialConfig(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """The subset of OpenAI's completion request the benchmark sends."""
+    """The subset of OpenAI's completion request the benchmark sends; any other field is
+    refused (422) rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
     prompt: str = Field(..., min_length=1)
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)
     stream: bool = False
     stream_options: Optional[dict] = None
     seed: Optional[int] = None
@@ -120,7 +126,8 @@ class InferenceWorker:
         )
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
 
-    def inference(self, text: str, max_tokens: int, temperature: float, ignore_eos: bool, seed: int):
+    def inference(self, text: str, max_tokens: int, temperature: float, ignore_eos: bool, seed: int,
+                  top_p: Optional[float] = None, top_k: Optional[int] = None):
         """Every rank runs the same generate; only rank 0's result is used."""
         import torch
 
@@ -129,7 +136,9 @@ class InferenceWorker:
         kwargs = {"do_sample": False}
         if temperature > 0:
             torch.manual_seed(seed)  # the same seed on every rank: the same tokens on every rank
-            kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0}
+            # top_k 0 (or -1, vLLM's "off") switches HF's top-k filter off, as top_p 1 does top-p's.
+            kwargs = {"do_sample": True, "temperature": temperature,
+                      "top_k": max(top_k or 0, 0), "top_p": 1.0 if top_p is None else top_p}
         if ignore_eos:
             kwargs["eos_token_id"] = None  # generate stops only at max_new_tokens
         with torch.inference_mode():
@@ -189,7 +198,8 @@ class InferenceDeployment:
             )
         seed = request.seed if request.seed is not None else random.getrandbits(31)
         refs = [
-            w.inference.remote(request.prompt, request.max_tokens, request.temperature, request.ignore_eos, seed)
+            w.inference.remote(request.prompt, request.max_tokens, request.temperature, request.ignore_eos, seed,
+                               request.top_p, request.top_k)
             for w in self.workers
         ]
         result = (await asyncio.gather(*refs))[0]

@@ -1,32 +1,85 @@
 #!/usr/bin/env bash
-# Every GPU step of a session, in one call on a 2-GPU device machine:
-#   run(command="bash scripts/gpu_session.sh", carry=[".whl"], kind="nvidia-h100-x2")
-# SKIP_CHECK=1, SKIP_PROFILE=1, SKIP_BENCH=1 leave out a part (a call may run 10 minutes).
-# Builds a GPT-2-small-shaped random model (12 layers, 12 heads, 768 wide, vocab 50257:
-# the device has no Hub; filler tokens give every id visible text), proves TP=2
-# correctness, profiles the decode step, then benchmarks the service against the
-# tutorial's serving and plain HF generate.
+# Every GPU step of a session on a 2-GPU device machine, in two calls of at most 10 minutes:
+#   run(command="SKIP_BENCH=1 bash scripts/gpu_session.sh", carry=[".whl"], kind="nvidia-h100-x2")
+#       GPU tests, all-reduce microbenchmark, decode-step profile      (~8-9 min)
+#   run(command="SKIP_TESTS=1 SKIP_ALLREDUCE=1 SKIP_PROFILE=1 bash scripts/gpu_session.sh", ...)
+#       fixed benchmark, tutorial baseline, realistic benchmark          (~6-7 min)
+# Parts and their switches (each part also has its own `timeout`, so one that hangs cannot
+# take the call's other parts with it):
+#   SKIP_TESTS=1 (or SKIP_CHECK=1)  pytest -m gpu: fp32 TP=2 NCCL == one process, graphs == eager,
+#                                   the HTTP app; fp16/bf16 printed with their control   (~2-3 min)
+#   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
+#   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
+#                                   1, 32, 128 (builds the random models first)           (~3-4 min)
+#   SKIP_BENCH=1                    all three benchmarks below
+#   SKIP_FIXED=1                    serve_tp + HF, fixed 32-token prompts / 64 tokens, greedy and
+#                                   sampled at 1, 32, 128 users                            (~2-3 min)
+#   SKIP_TUTORIAL=1                 the tutorial's serving, greedy and sampled, 1 and 32 users (~1-2 min)
+#   SKIP_REALISTIC=1                serve_tp, realistic lengths, mixed greedy/sampled, Poisson at
+#                                   $RATES req/s and 32 closed-loop users                   (~2-3 min)
+# Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
+# copy them there. The model is GPT-2 small's shape with random weights (12 layers, 12 heads,
+# 768 wide, vocab 50257: the device has no Hub; filler tokens give every id visible text).
 set -uo pipefail
 source .whl/install.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}
 export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+# NVLink multicast stays off on the shared machines (they set these; so do we).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi -L
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\{3\}' | tr A-Z a-z)
+MACHINE=${MACHINE:-${GPU:-gpu}x$(nvidia-smi -L | wc -l)}
+R="$OUT/$MACHINE"; mkdir -p "$R"
+echo "results: $R"
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
-python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
-if [ "${SKIP_CHECK:-0}" != 1 ]; then
-  echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
+[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
+QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
+skip() { [ "${!1:-0}" = 1 ]; }
+[ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1
+if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1; fi
+
+if ! skip SKIP_TESTS; then
+  echo "== pytest -m gpu (correctness)"
+  if python3 -c "import pytest" 2>/dev/null; then
+    SERVE_TP_GPU_MODEL=$M SERVE_TP_TEST_PORT=8000 timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider 2>&1 \
+      | grep -v "$QUIET" | tee "$R/gpu_tests.log" | tail -25
+  else
+    echo "SKIP: pytest is not installed on the device; add its wheels (pytest, pluggy, iniconfig) to .whl" | tee "$R/gpu_tests.log"
+  fi
 fi
-if [ "${SKIP_PROFILE:-0}" != 1 ]; then
-  echo "== profile: decode steps of the engine's batch, CUDA graphs vs eager"
-  for TP in 1 2; do
-    python3 scripts/gpu_profile.py --model $M --tp $TP --batches 1,8,32,128 2>&1 | grep "^|\|^graph\|Error\|error" | tee -a "$OUT/profile.md"
-  done
+if ! skip SKIP_ALLREDUCE; then
+  echo "== all-reduce microbenchmark"
+  timeout 240 python3 scripts/allreduce_bench.py --time-limit-s 150 --json "$R/allreduce.json" --md "$R/allreduce.md" 2>&1 \
+    | grep -v "$QUIET" | tail -60
 fi
-[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
-B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --prompt-tokens 32 --max-tokens 64 --level-timeout-s 45"
-echo "== benchmark: serve_tp and one-process HF generate"
-$B --targets serve_tp,hf --start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 \
-   --concurrency ${LEVELS:-1,8,32,128} --requests-per-client ${RPC:-4} --out "$OUT/bench_serve_tp" 2>&1 | grep -v "WARNING\|Warning\|^INFO\|raylet\|ServeReplica\|ServeController" | tail -22
-echo "== benchmark: the tutorial's serving (one request at a time, generate per request)"
-$B --targets tutorial --concurrency ${TUTORIAL_LEVELS:-1,8,32} --requests-per-client 1 --out "$OUT/bench_tutorial" 2>&1 | grep -v "WARNING\|Warning" | tail -10
+if ! skip SKIP_PROFILE; then
+  echo "== profile: decode steps of the engine's batch, CUDA graphs vs eager, GPT-2 small to XL"
+  mkdir -p /tmp/gpt2-shapes; [ -e /tmp/gpt2-shapes/gpt2 ] || ln -s $M /tmp/gpt2-shapes/gpt2
+  rm -f "$R/profile.jsonl"
+  timeout 330 python3 scripts/gpu_profile.py --shapes ${SHAPES:-gpt2,gpt2-medium,gpt2-large,gpt2-xl} --tp 1,2 \
+      --batches 1,32,128 --steps 50 --run-timeout-s 150 --json "$R/profile.jsonl" 2>&1 \
+    | grep "^|\|^built\|^skip\|graph capture\|Error\|error\|failed" | tee "$R/profile.md"
+fi
+
+B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30"
+SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
+if ! skip SKIP_FIXED; then
+  echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
+  timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp,hf $SERVE \
+     --concurrency ${LEVELS:-1,32,128} --requests-per-client ${RPC:-4} --out "$R" --out-name fixed_serve_tp_hf 2>&1 \
+     | grep -v "$QUIET" | tail -30
+fi
+if ! skip SKIP_TUTORIAL; then
+  echo "== benchmark, fixed: the tutorial's serving (one request at a time, generate per request)"
+  timeout 200 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets tutorial \
+     --concurrency ${TUTORIAL_LEVELS:-1,32} --requests-per-client 1 --out "$R" --out-name fixed_tutorial 2>&1 \
+     | grep -v "$QUIET" | tail -12
+fi
+if ! skip SKIP_REALISTIC; then
+  echo "== benchmark, realistic: prompts 16-900, outputs 16-256 tokens, half greedy, Poisson arrivals; HF as the floor"
+  timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets serve_tp,hf $SERVE --concurrency 32 \
+     --requests-per-client 4 --request-rate ${RATES:-8,32,96} --rate-duration-s ${RATE_S:-15} \
+     --out "$R" --out-name realistic_serve_tp 2>&1 | grep -v "$QUIET" | tail -30
+fi
+ls -la "$R"

@@ -1,0 +1,103 @@
+"""The GPU session's tools, checked on CPU: the all-reduce benchmark's harness (spawned ranks
+over gloo, records, failures recorded not raised, tables, JSON) and gpu_profile's shape
+handling. What they measure needs the GPUs; that they run, record and report does not."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def allreduce_bench():
+    saved = dict(os.environ)
+    yield load("allreduce_bench")  # sets the multicast switches in os.environ, as it must
+    os.environ.clear()
+    os.environ.update(saved)  # the rest of the session keeps its own environment
+
+
+def test_allreduce_bench_keeps_multicast_off(allreduce_bench):
+    for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):
+        assert os.environ[key] == value
+    source = (SCRIPTS / "allreduce_bench.py").read_text() + (SCRIPTS / "allreduce_variants.py").read_text()
+    assert "multimem_" not in source and "cuMulticast" not in source
+
+
+def test_allreduce_bench_arguments(allreduce_bench):
+    args = allreduce_bench.parse_args(["--dtypes", "float16,float32", "--rows", "1,256", "--groups", "nccl,p2p_ipc"])
+    assert (args.dtypes, args.rows, args.groups) == (["float16", "float32"], [1, 256], ["nccl", "p2p_ipc"])
+    for bad in (["--dtypes", "int8"], ["--rows", "1,x"], ["--groups", "mpi"], ["--iters", "0"]):
+        with pytest.raises(SystemExit):
+            allreduce_bench.parse_args(bad)
+
+
+def record(variant, rank, us, exact, error=None):
+    return {"variant": variant, "dtype": "float16", "rows": 1, "width": 768, "us": us, "exact": exact,
+            "max_abs_diff": 0.0 if exact else 1e-3, "control": 4.9e-4, "error": error, "rank": rank}
+
+
+def test_merge_takes_the_slower_rank_and_exact_only_if_both(allreduce_bench):
+    rows = allreduce_bench.merge([record("nccl:graph", 0, 9.0, True), record("nccl:graph", 1, 11.0, True),
+                                  record("one_shot:graph", 0, 5.0, True), record("one_shot:graph", 1, 4.0, False)])
+    by = {r["variant"]: r for r in rows}
+    assert (by["nccl:graph"]["us"], by["nccl:graph"]["exact"]) == (11.0, True)
+    assert (by["one_shot:graph"]["us"], by["one_shot:graph"]["exact"]) == (5.0, False)
+
+
+def test_table_marks_inexact_and_failed(allreduce_bench):
+    rows = allreduce_bench.merge([record("nccl:graph", 0, 11.0, True), record("one_shot:graph", 0, 5.0, False),
+                                  record("two_shot:graph", 0, None, False, error="RuntimeError: fp32 refused")])
+    table = allreduce_bench.markdown(rows, ["nccl:graph", "one_shot:graph", "two_shot:graph"])
+    assert "| dtype | rows | width | rounding control | nccl | one_shot | two_shot |" in table
+    assert "| float16 | 1 | 768 | 4.90e-04 | 11.0 | 5.0 ✗ | failed |" in table
+    assert "two_shot:graph failed (1 shapes, e.g. float16 1x768): RuntimeError: fp32 refused" in table
+
+
+def test_allreduce_harness_runs_on_cpu_and_records_failures(tmp_path):
+    """Spawned ranks over gloo: eager sums are timed and exact; CUDA graphs fail and are recorded."""
+    out = tmp_path / "allreduce.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "allreduce_bench.py"), "--device", "cpu", "--groups", "nccl",
+         "--dtypes", "float32", "--rows", "1,4", "--widths", "8", "--iters", "3", "--json", str(out),
+         "--md", str(tmp_path / "allreduce.md")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved["run"]["multicast_off"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                             "NVSHMEM_DISABLE_NVLS": "1"}
+    by = {(r["variant"], r["rows"]): r for r in saved["results"]}
+    assert set(by) == {("nccl:eager", 1), ("nccl:eager", 4), ("nccl:graph", 1), ("nccl:graph", 4)}
+    assert all(by[("nccl:eager", n)]["exact"] and by[("nccl:eager", n)]["us"] > 0 for n in (1, 4))
+    assert all(by[("nccl:graph", n)]["error"] and by[("nccl:graph", n)]["us"] is None for n in (1, 4))
+    assert saved["group_failures"] == {}
+    assert "eager launches, µs per all-reduce" in (tmp_path / "allreduce.md").read_text()
+
+
+def test_gpu_profile_skips_a_split_the_sharding_refuses():
+    profile = load("gpu_profile")
+    layers, heads, embd = profile.SHAPES["gpt2-xl"]
+    refusal = profile.split_refusal(heads, embd, 2)
+    # Today 25 heads do not split over 2 ranks; once uneven splits land the check accepts them.
+    assert refusal is None or ("25" in refusal and "2" in refusal)
+    refusal = refusal or "number of attention heads (25) is not evenly divisible by tensor_parallel_size (2)"
+    assert profile.split_refusal(heads, embd, 1) is None
+    assert all(profile.split_refusal(h, e, 2) is None for name, (_, h, e) in profile.SHAPES.items() if name != "gpt2-xl")
+    row = {"model": "gpt2-xl", "layers": layers, "heads": heads, "embd": embd, "tp": 2, "dtype": "float16",
+           "batch": 1, "graph_ms": None, "eager_ms": None, "skipped": refusal}
+    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | skipped: {refusal}" in profile.markdown([row])
