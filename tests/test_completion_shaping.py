@@ -213,6 +213,21 @@ def test_stop_string_drops_the_logprobs_of_cut_tokens(config, tokenizer):
     assert (text, lp) == (choice["text"], choice["logprobs"])
 
 
+def test_stop_token_id_ends_without_its_text_but_with_its_logprob(config, tokenizer):
+    generated = tokenizer.encode(" quick brown").ids  # " qu", "ick", " b", "rown"...
+    stop_id = generated[2]
+    service = service_for(config, tokenizer, outputs_for(generated[:3], finish="stop"))
+    body = {"prompt": "The", "max_tokens": 8, "logprobs": 0, "stop_token_ids": [stop_id]}
+    choice = complete(service, body)["choices"][0]
+    assert choice["text"] == " quick" and choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] == [" qu", "ick", " b"]
+    assert choice["logprobs"]["text_offset"] == [0, 3, 6]
+    assert service.group.requests[0].params.stop_token_ids == (stop_id,)
+    # The same token ending by length (min_tokens, or a token that is no stop id) keeps its text.
+    service = service_for(config, tokenizer, outputs_for(generated[:3], finish="length"))
+    assert complete(service, body)["choices"][0]["text"] == " quick b"
+
+
 def test_sequence_failure_is_500_for_that_request_not_503(config, tokenizer):
     def fails(request):
         return [SequenceOutput([5]), SequenceOutput([], finish_reason="error", error="sampling failed")]

@@ -70,7 +70,10 @@ class CompletionService:
             if held is not None:
                 held.add(item.token_ids, item.logprobs)
             finish = item.finish_reason
-            text = stops.feed(detok.push(item.token_ids))
+            text_ids = item.token_ids
+            if finish == "stop" and text_ids and text_ids[-1] in job.params.stop_token_ids:
+                text_ids = text_ids[:-1]  # as vLLM, a stop token's text is not output (nor EOS's: it is special)
+            text = stops.feed(detok.push(text_ids))
             if finish is not None and not stops.stopped:
                 text += stops.feed(detok.flush())
                 if not stops.stopped:
