@@ -213,6 +213,15 @@ def test_stop_string_drops_the_logprobs_of_cut_tokens(config, tokenizer):
     assert (text, lp) == (choice["text"], choice["logprobs"])
 
 
+def test_stop_strings_wait_for_min_tokens(config, tokenizer):
+    generated = tokenizer.encode(" quick brown fox quick brown").ids  # " qu", "ick", " b", "ro", "wn", ...
+    service = service_for(config, tokenizer, outputs_for(generated))
+    body = {"prompt": "The", "max_tokens": len(generated), "stop": ["quick"]}
+    assert complete(service, body)["choices"][0]["text"] == " "
+    choice = complete(service, {**body, "min_tokens": 2})["choices"][0]
+    assert choice["text"] == " quick brown fox " and choice["finish_reason"] == "stop"
+
+
 def test_stop_token_id_ends_without_its_text_but_with_its_logprob(config, tokenizer):
     generated = tokenizer.encode(" quick brown").ids  # " qu", "ick", " b", "rown"...
     stop_id = generated[2]
@@ -295,6 +304,7 @@ def test_token_bytes_rebuild_the_tokenizers_decode(tokenizer, data):
         assert rebuilt == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=st.text(max_size=40))
 def test_offsets_point_at_each_tokens_text(tokenizer, text):
     ids = tokenizer.encode(text).ids

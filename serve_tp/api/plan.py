@@ -35,6 +35,8 @@ class SequenceJob:
 
 
 class RequestPlanner:
+    """Turns a validated CompletionRequest into SequenceJobs for the served model."""
+
     def __init__(self, config: ServeTPConfig, tokenizer, context_length: int, model_name: str):
         self.config = config
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
@@ -69,7 +71,7 @@ class RequestPlanner:
         max_tokens = sampling["max_tokens"]
         jobs = []
         for p_index, prompt in enumerate(prompts):
-            text, ids = self._prompt(prompt)
+            text, ids = self._prompt(prompt, req.echo)
             if len(ids) + max_tokens > self.context_length:
                 raise APIError(
                     400,
@@ -126,8 +128,12 @@ class RequestPlanner:
                            param=param)
         return token_id
 
-    def _prompt(self, prompt: Union[str, list[int]]) -> tuple[str, list[int]]:
-        """(the text echo returns, the ids) of one prompt, given as text or as token ids."""
+    def _prompt(self, prompt: Union[str, list[int]], echo: bool) -> tuple[str, list[int]]:
+        """(the text echo returns, the ids) of one prompt, given as text or as token ids.
+
+        Token ids echo as their decode with special tokens spelled out, so the echoed text
+        holds every prompt token the logprobs list (lm-eval's contexts may start with EOS).
+        """
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
         if isinstance(prompt, str):
@@ -139,4 +145,4 @@ class RequestPlanner:
                 raise APIError(400, "prompt encodes to no tokens", param="prompt")
             return prompt, ids
         ids = [self._token_id(token_id, "prompt") for token_id in prompt]
-        return self.tokenizer.decode(ids, skip_special_tokens=False), ids
+        return (self.tokenizer.decode(ids, skip_special_tokens=False) if echo else ""), ids

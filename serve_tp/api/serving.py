@@ -73,9 +73,11 @@ class CompletionService:
             text_ids = item.token_ids
             if finish == "stop" and text_ids and text_ids[-1] in job.params.stop_token_ids:
                 text_ids = text_ids[:-1]  # as vLLM, a stop token's text is not output (nor EOS's: it is special)
-            text = stops.feed(detok.push(text_ids))
+            # As vLLM, stop strings count only in text that comes after min_tokens tokens.
+            watch = stops.feed if produced > job.params.min_tokens else str
+            text = watch(detok.push(text_ids))
             if finish is not None and not stops.stopped:
-                text += stops.feed(detok.flush())
+                text += watch(detok.flush())
                 if not stops.stopped:
                     text += stops.flush()
             emitted += len(text)
