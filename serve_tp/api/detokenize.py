@@ -3,7 +3,7 @@ and each token's own bytes and printable text, for per-token logprobs."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from tokenizers import decoders
 
@@ -140,3 +140,37 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = ("" if self.stopped else self._held), ""
         return held
+
+
+class SequenceText:
+    """One sequence's output text as its tokens arrive: decoded whole characters, cut at the
+    first stop string, with vLLM's two rules around stopping: a stop token's text is not
+    output (EOS's neither: it is special), and stop strings count only in text that comes
+    after `min_tokens` tokens."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(stops)
+        self.min_tokens = min_tokens
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.produced = 0  # tokens received
+        self.emitted = 0  # characters returned
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string ended the text (nothing more will be returned)."""
+        return self._stops.stopped
+
+    def push(self, token_ids: Sequence[int], finish: Optional[str] = None) -> str:
+        """The text these tokens release; with `finish` (the engine's reason), all that is left."""
+        self.produced += len(token_ids)
+        if finish == "stop" and token_ids and token_ids[-1] in self.stop_token_ids:
+            token_ids = token_ids[:-1]
+        watch = self._stops.feed if self.produced > self.min_tokens else str
+        text = watch(self._detok.push(token_ids))
+        if finish is not None and not self.stopped:
+            text += watch(self._detok.flush())
+            if not self.stopped:
+                text += self._stops.flush()
+        self.emitted += len(text)
+        return text

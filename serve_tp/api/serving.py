@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.api.detokenize import IncrementalDetokenizer, StopMatcher, TokenPieces
+from serve_tp.api.detokenize import SequenceText, TokenPieces
 from serve_tp.api.errors import APIError, error_body
 from serve_tp.api.logprobs import HeldLogprobs, LogprobEntry, prompt_entries, render
 from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
@@ -48,46 +48,33 @@ class CompletionService:
 
     # ---- one sequence ----
     async def _run(self, job: SequenceJob, request_id: str) -> AsyncIterator[TextDelta]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(job.stops)
-        top_n = job.params.logprobs
+        params = job.params
+        text = SequenceText(self.tokenizer, job.stops, params.min_tokens, params.stop_token_ids)
         held = None
-        if top_n is not None:
-            held = HeldLogprobs(self.pieces, top_n, text_start=len(job.prompt_text) if job.echo else 0)
-        produced = emitted = 0
+        if params.logprobs is not None:
+            held = HeldLogprobs(self.pieces, params.logprobs, text_start=len(job.prompt_text) if job.echo else 0)
         echo_owed = job.echo  # the echo goes out with the first output, which brings the prompt's logprobs
-        request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), job.params)
+        request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), params)
         async for item in self._timed(self.group.generate(request)):
             if item.finish_reason == "error":  # this sequence alone failed; the group serves on
                 raise APIError(500, f"generation failed: {item.error or 'no reason given'}",
                                code="generation_failed")
-            produced += len(item.token_ids)
             prefix, logprobs = "", None
             if echo_owed:
                 prefix, echo_owed = job.prompt_text, False
-                if top_n is not None:
-                    logprobs = prompt_entries(self.pieces, job.prompt_ids, item.prompt_logprobs, top_n)
+                if params.logprobs is not None:
+                    logprobs = prompt_entries(self.pieces, job.prompt_ids, item.prompt_logprobs, params.logprobs)
             if held is not None:
                 held.add(item.token_ids, item.logprobs)
             finish = item.finish_reason
-            text_ids = item.token_ids
-            if finish == "stop" and text_ids and text_ids[-1] in job.params.stop_token_ids:
-                text_ids = text_ids[:-1]  # as vLLM, a stop token's text is not output (nor EOS's: it is special)
-            # As vLLM, stop strings count only in text that comes after min_tokens tokens.
-            watch = stops.feed if produced > job.params.min_tokens else str
-            text = watch(detok.push(text_ids))
-            if finish is not None and not stops.stopped:
-                text += watch(detok.flush())
-                if not stops.stopped:
-                    text += stops.flush()
-            emitted += len(text)
+            new_text = text.push(item.token_ids, finish)
             if held is not None:
-                ended_whole = finish is not None and not stops.stopped
-                logprobs = (logprobs or []) + (held.release_all() if ended_whole else held.release(emitted))
-            if stops.stopped or finish == "cancelled":
+                ended_whole = finish is not None and not text.stopped
+                logprobs = (logprobs or []) + (held.release_all() if ended_whole else held.release(text.emitted))
+            if text.stopped or finish == "cancelled":
                 finish = "stop"  # leaving the generator after a stop string cancels the sequence on rank 0
-            if prefix or text or finish or logprobs:
-                yield TextDelta(job.index, prefix + text, finish, produced, logprobs)
+            if prefix or new_text or finish or logprobs:
+                yield TextDelta(job.index, prefix + new_text, finish, text.produced, logprobs)
             if finish is not None:
                 return
 
