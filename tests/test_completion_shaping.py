@@ -189,6 +189,24 @@ def test_max_tokens_zero_with_echo_returns_the_scored_prompt(config, tokenizer):
     assert res["usage"]["completion_tokens"] == 0
 
 
+def test_prompt_logprobs_may_come_alone_before_the_tokens(config, tokenizer):
+    ids = tokenizer.encode("Hello world.").ids
+    generated = tokenizer.encode(" fox").ids
+
+    def script(request):
+        return [SequenceOutput([], None, [None] + [scored(t, 1) for t in ids[1:]]),
+                SequenceOutput(generated, [scored(t, 1) for t in generated]),
+                SequenceOutput([], None, finish_reason="length")]
+
+    service = service_for(config, tokenizer, script)
+    body = {"prompt": "Hello world.", "max_tokens": len(generated), "echo": True, "logprobs": 1}
+    choice = complete(service, body)["choices"][0]
+    assert choice["text"] == "Hello world. fox"
+    assert len(choice["logprobs"]["tokens"]) == len(ids) + len(generated)
+    text, lp = joined(stream(service, body))
+    assert (text, lp) == (choice["text"], choice["logprobs"])
+
+
 def test_partial_characters_are_named_by_their_bytes_and_held_together(config, tokenizer):
     generated = tokenizer.encode("日本語 ok").ids
     service = service_for(config, tokenizer, outputs_for(generated))

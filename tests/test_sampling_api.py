@@ -223,8 +223,7 @@ def test_stop_token_ids_stop_and_leave_their_text_out(serve_app, tokenizer, hf):
 
 
 def test_seeded_sampling_is_the_same_alone_twice_and_among_others(serve_app):
-    seeded = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 4321, "ignore_eos": True,
-              "logprobs": 1}
+    seeded = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 4321, "ignore_eos": True}
     others = [{"prompt": f"Hello number {i}", "max_tokens": 12 + i, "temperature": 1.0, "ignore_eos": True,
                **({"seed": i} if i % 2 else {})} for i in range(6)]
 
@@ -241,7 +240,6 @@ def test_seeded_sampling_is_the_same_alone_twice_and_among_others(serve_app):
 
     (first, second), among = asyncio.run(run())
     assert first["text"] == second["text"] == among["text"]
-    assert first["logprobs"]["tokens"] == among["logprobs"]["tokens"]
     different = post(serve_app, {**seeded, "seed": 4322})["choices"][0]["text"]
     assert different != first["text"]
 

@@ -115,6 +115,8 @@ class HeldLogprobs:
         self._held: list[tuple[int, int, LogprobEntry]] = []  # (start, end, entry), in order
 
     def add(self, token_ids: Sequence[int], scored: Optional[Sequence[TokenLogprob]]) -> None:
+        if not token_ids:  # an output that only finishes, or only brings the prompt's logprobs
+            return
         if scored is None or len(scored) != len(token_ids):
             got = "none" if scored is None else len(scored)
             raise APIError(500, f"the engine sent logprobs for {got} of {len(token_ids)} tokens",
