@@ -32,8 +32,21 @@ def assert_error(r, status, param=None, contains=None):
         ({"prompt": "hi", "n": 1.5}, "n"),
         ({"prompt": "hi", "top_p": 0}, "top_p"),
         ({"prompt": 42}, None),
-        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),  # max_logprobs is 20
         ({"prompt": "hi", "stream": "yes"}, "stream"),
+        ({"prompt": [5, 600]}, "prompt"),  # the tiny vocabulary is 600 tokens
+        ({"prompt": [[5], []]}, "prompt"),
+        ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"600": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "hi", "min_tokens": 9, "max_tokens": 8}, "min_tokens"),
+        ({"prompt": "hi", "stop_token_ids": [600]}, "stop_token_ids"),
+        ({"prompt": "hi", "min_p": 1.5}, "min_p"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "suffix": "!"}, "suffix"),
     ],
 )
 def test_invalid_fields_are_400(serve_app, body, param):

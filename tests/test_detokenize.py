@@ -51,3 +51,17 @@ def test_stop_prefix_is_held_until_it_is_decided():
     assert matcher.feed("text E") == "text "
     assert matcher.feed("N") == ""
     assert matcher.feed("X") == "ENX"
+
+
+def test_sequence_text_applies_vllms_stop_rules(tokenizer):
+    from serve_tp.api.detokenize import SequenceText
+
+    ids = tokenizer.encode(" quick brown fox quick").ids  # " qu", "ick", " b", "ro", "wn", ...
+    text = SequenceText(tokenizer, ["quick"], min_tokens=2)
+    pieces = [text.push([i]) for i in ids[:-1]] + [text.push(ids[-1:], finish="length")]
+    # " quick" lies within the first 2 tokens, so it does not stop; the second one does.
+    assert "".join(pieces) == " quick brown fox " and text.stopped
+    assert (text.produced, text.emitted) == (len(ids), len(" quick brown fox "))
+    ended = SequenceText(tokenizer, [], stop_token_ids=[ids[2]])
+    assert ended.push(ids[:3], finish="stop") == " quick"  # the stop token's text is left out
+    assert SequenceText(tokenizer, [], stop_token_ids=[ids[2]]).push(ids[:3], finish="length") == " quick b"

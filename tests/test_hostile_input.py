@@ -24,11 +24,11 @@ from schemathesis.checks import not_a_server_error
 from serve_tp.config import ServeTPConfig
 from serve_tp.api.errors import APIError, error_response, from_validation_error
 from serve_tp.model.source import context_length, read_model_config
-from serve_tp.api.protocol import CompletionRequest
+from serve_tp.api.protocol import UNSUPPORTED_EXTRAS, CompletionRequest
 from serve_tp.api.serving import CompletionService
 
 ERROR_KEYS = {"message", "type", "param", "code"}
-FIELDS = list(CompletionRequest.model_fields) + ["best_of", "suffix", "logit_bias"]
+FIELDS = list(CompletionRequest.model_fields) + [name for name, _ in UNSUPPORTED_EXTRAS]
 
 # ---------------------------------------------------------------- strategies
 
@@ -70,15 +70,18 @@ def mostly(valid, hostile):
 
 PROMPT = mostly(st.text(min_size=1, max_size=60),
                 GIANT_TEXT | st.sampled_from(["", " ", "<|endoftext|>", "\x00"]))
+# Token ids around the tiny vocabulary's end (600) and far past it.
+TOKEN_ID = mostly(st.integers(0, 599), st.integers(-2, 700) | HUGE_INTS)
+TOKEN_PROMPT = st.lists(TOKEN_ID, max_size=30)
 PLAUSIBLE = st.fixed_dictionaries(
-    {"prompt": mostly(PROMPT, st.lists(PROMPT, max_size=20))},
+    {"prompt": mostly(PROMPT | TOKEN_PROMPT, st.lists(PROMPT, max_size=20) | st.lists(TOKEN_PROMPT, max_size=20))},
     optional={
         "model": mostly(st.just("tiny-gpt2"), st.sampled_from(["gpt-4", ""]) | st.text(max_size=10)),
         "echo": st.booleans(),
         "frequency_penalty": mostly(st.sampled_from([None, 0, 0.0]), st.floats(-2, 2)),
         "presence_penalty": mostly(st.sampled_from([None, 0, -0.0]), st.floats(-2, 2)),
-        "logprobs": mostly(st.none(), st.integers(0, 5)),
-        "max_tokens": mostly(st.none() | st.integers(1, 40), st.integers(-2, 300) | HUGE_INTS),
+        "logprobs": mostly(st.none() | st.integers(0, 5), st.integers(-1, 25)),
+        "max_tokens": mostly(st.none() | st.integers(0, 40), st.integers(-2, 300) | HUGE_INTS),
         "n": mostly(st.integers(1, 8), st.integers(-1, 20) | HUGE_INTS),
         "seed": st.none() | st.integers(-(2**63) - 1, 2**64) | st.sampled_from([2**64 - 1, -(2**63)]),
         "stop": mostly(st.none() | st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=4),
@@ -93,6 +96,12 @@ PLAUSIBLE = st.fixed_dictionaries(
         "top_k": st.none() | st.integers(-2, 1_000_001),
         "ignore_eos": st.booleans(),
         "best_of": mostly(st.sampled_from([None, 1]), st.integers(0, 3)),
+        "repetition_penalty": st.none() | st.floats(-0.5, 3) | st.sampled_from([5e-324, 1e-300, 1e300]),
+        "min_p": st.none() | st.floats(-0.1, 1.1) | st.sampled_from([5e-324, 1.0]),
+        "min_tokens": mostly(st.integers(0, 8), st.integers(-1, 300)),
+        "logit_bias": st.none() | st.dictionaries(st.builds(str, TOKEN_ID) | st.text(max_size=4),
+                                                  st.floats(-150, 150), max_size=4),
+        "stop_token_ids": st.none() | st.lists(TOKEN_ID, max_size=4),
     },
 )
 
@@ -172,13 +181,20 @@ def test_plan_returns_sound_jobs_or_a_4xx(service, body):
     cfg = service.config
     assert len(jobs) == len(req.prompts()) * req.n <= cfg.max_prompts_per_request * cfg.max_n
     assert sorted(j.index for j in jobs) == list(range(len(jobs)))
+    vocab = service.tokenizer.get_vocab_size(with_added_tokens=True)
     for job in jobs:
         p = job.params
-        assert job.prompt_ids and len(job.prompt_ids) + p["max_tokens"] <= service.context_length
-        assert p["max_tokens"] >= 1 and len(job.stops) <= cfg.max_stop_sequences
-        assert p["seed"] is None or 0 <= p["seed"] < 2**64
-        assert math.isfinite(p["temperature"]) and 0 <= p["temperature"] <= 2
-        assert 0 < p["top_p"] <= 1
+        assert job.prompt_ids and len(job.prompt_ids) + p.max_tokens <= service.context_length
+        assert all(0 <= t < vocab for t in job.prompt_ids)
+        assert (p.max_tokens >= 1 or job.echo) and 0 <= p.min_tokens <= p.max_tokens
+        assert len(job.stops) <= cfg.max_stop_sequences
+        assert p.seed is None or 0 <= p.seed < 2**64
+        assert math.isfinite(p.temperature) and 0 <= p.temperature <= 2
+        assert 0 < p.top_p <= 1 and 0 <= p.min_p <= 1 and p.top_k >= 0
+        assert -2 <= p.presence_penalty <= 2 and -2 <= p.frequency_penalty <= 2 and p.repetition_penalty > 0
+        assert all(0 <= t < vocab and -100 <= b <= 100 for t, b in p.logit_bias)
+        assert all(0 <= t < vocab for t in p.stop_token_ids)
+        assert p.logprobs is None or 0 <= p.logprobs <= cfg.max_logprobs
 
 
 @PROPERTY
@@ -188,7 +204,7 @@ def test_planned_params_sample_a_token(service, body, scale):
     the engine loop and with it the whole TP group, for every client."""
     import torch
 
-    from serve_tp.engine.sampling import SamplingParams, make_generator, sample_tokens
+    from serve_tp.engine.sampling import make_generator, sample_tokens
 
     req = parse(body)
     if isinstance(req, ValidationError):
@@ -199,7 +215,7 @@ def test_planned_params_sample_a_token(service, body, scale):
         return
     vocab = service.tokenizer.get_vocab_size()
     logits = torch.randn(len(jobs), vocab, generator=torch.Generator().manual_seed(0)) * scale
-    params = [SamplingParams(**job.params) for job in jobs]
+    params = [job.params for job in jobs]
     tokens = sample_tokens(logits, params, [make_generator(p) for p in params])
     assert all(0 <= t < vocab for t in tokens)
 

@@ -1,5 +1,5 @@
 """Completions logic between the HTTP routes and the TP group: validate, tokenize,
-fan sequences out, detokenize, apply stop strings, shape OpenAI responses."""
+fan sequences out, detokenize, apply stop strings, shape OpenAI responses (logprobs too)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.api.detokenize import IncrementalDetokenizer, StopMatcher
+from serve_tp.api.detokenize import SequenceText, TokenPieces
 from serve_tp.api.errors import APIError, error_body
+from serve_tp.api.logprobs import HeldLogprobs, LogprobEntry, prompt_entries, render
 from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
+from serve_tp.api.plan import RequestPlanner, SequenceJob
 from serve_tp.api.protocol import CompletionRequest
-from serve_tp.messages import SamplingParams, SequenceOutput, SequenceRequest
+from serve_tp.messages import SequenceOutput, SequenceRequest
 from serve_tp.tp_group import RankFailure, TPGroup
-
-SEED_MASK = 2**64 - 1
-# Float32 guards for rank 0's sampler. logits / 1e-40 overflow to inf, and a top_p under
-# float32's smallest subnormal (1.4e-45) rounds to 0 and masks every token; either way
-# softmax gives NaN, torch.multinomial raises inside the engine loop, and the whole TP group
-# dies for every client. Below 1e-5 a temperature is greedy (as vLLM's _SAMPLING_EPS); a
-# top_p below 1/vocabulary keeps only the top token, so raising it to 1e-8 changes nothing.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-MIN_TOP_P = 1e-8
-
-
-@dataclass
-class SequenceJob:
-    """One choice: a prompt's ids, its sampling params, and where it goes in `choices`."""
-
-    index: int
-    prompt_text: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stops: list[str]
 
 
 @dataclass
@@ -45,98 +27,59 @@ class TextDelta:
     text: str
     finish_reason: Optional[str]
     completion_tokens: int
+    logprobs: Optional[list[LogprobEntry]] = None  # the tokens this text releases, when asked for
 
 
 class CompletionService:
     def __init__(self, config: ServeTPConfig, tokenizer, context_length: int, group: TPGroup):
         self.config = config
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.pieces = TokenPieces(tokenizer)
         self.context_length = context_length
         self.group = group
         # Resolved once: `config.model_name` stats the model path on every read.
         self.model_name = config.model_name
         self.metric_tags = model_tags(self.model_name)
-
-    # ---- validation ----
-    def check_model(self, requested: Optional[str]) -> None:
-        if requested is not None and requested != self.model_name:
-            raise APIError(404, f"The model '{requested}' does not exist; this server serves "
-                                f"'{self.model_name}'", param="model", code="model_not_found")
+        self.planner = RequestPlanner(config, tokenizer, context_length, self.model_name)
 
     def plan(self, req: CompletionRequest) -> list[SequenceJob]:
         """Every sequence the request asks for, or the first reason it is invalid (400)."""
-        cfg = self.config
-        self.check_model(req.model)
-        unsupported = req.unsupported()
-        if unsupported:
-            raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported")
-        prompts = req.prompts()
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if len(prompts) > cfg.max_prompts_per_request:
-            raise APIError(400, f"at most {cfg.max_prompts_per_request} prompts per request, got {len(prompts)}",
-                           param="prompt")
-        if req.n > cfg.max_n:
-            raise APIError(400, f"n must be at most {cfg.max_n}, got {req.n}", param="n")
-        stops = req.stops()
-        if len(stops) > cfg.max_stop_sequences:
-            raise APIError(400, f"at most {cfg.max_stop_sequences} stop sequences, got {len(stops)}", param="stop")
-        max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens
-        temperature = req.temperature if req.temperature is not None else cfg.default_temperature
-        if temperature < GREEDY_BELOW_TEMPERATURE:
-            temperature = 0.0
-        top_p = max(req.top_p if req.top_p is not None else cfg.default_top_p, MIN_TOP_P)
-        jobs = []
-        for p_index, prompt in enumerate(prompts):
-            if not prompt:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            if len(prompt) > cfg.max_prompt_chars:
-                raise APIError(400, f"prompt is {len(prompt)} characters; the limit is {cfg.max_prompt_chars}",
-                               param="prompt")
-            ids = self.tokenizer.encode(prompt).ids
-            if not ids:
-                raise APIError(400, "prompt encodes to no tokens", param="prompt")
-            if len(ids) + max_tokens > self.context_length:
-                raise APIError(
-                    400,
-                    f"This model's maximum context length is {self.context_length} tokens. However, you "
-                    f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for "
-                    f"the completion). Please reduce your prompt or max_tokens.",
-                    param="max_tokens", code="context_length_exceeded",
-                )
-            for choice in range(req.n):
-                seed = None if req.seed is None else (req.seed + choice) & SEED_MASK
-                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                        top_k=req.top_k or 0, seed=seed, ignore_eos=req.ignore_eos)
-                jobs.append(SequenceJob(p_index * req.n + choice, prompt, ids, params, stops))
-        return jobs
+        return self.planner.plan(req)
 
     # ---- one sequence ----
     async def _run(self, job: SequenceJob, request_id: str) -> AsyncIterator[TextDelta]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(job.stops)
-        produced = 0
-        request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), job.params)
+        params = job.params
+        text = SequenceText(self.tokenizer, job.stops, params.min_tokens, params.stop_token_ids)
+        held = None
+        if params.logprobs is not None:
+            held = HeldLogprobs(self.pieces, params.logprobs, text_start=len(job.prompt_text) if job.echo else 0)
+        echo_owed = job.echo  # the echo goes out with the first output, which brings the prompt's logprobs
+        request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), params)
         async for item in self._timed(self.group.generate(request)):
-            if item.error:
+            if item.finish_reason == "error" and item.group_failed:
                 raise APIError(503, f"the model group failed while generating: {item.error}",
                                code="engine_failure", headers={"Retry-After": "5"})
-            produced += len(item.token_ids)
+            if item.finish_reason == "error":  # this sequence alone failed; the group serves on
+                raise APIError(500, f"generation failed: {item.error or 'no reason given'}",
+                               code="generation_failed")
+            prefix, logprobs = "", None
+            if echo_owed:
+                prefix, echo_owed = job.prompt_text, False
+                if params.logprobs is not None:
+                    logprobs = prompt_entries(self.pieces, job.prompt_ids, item.prompt_logprobs, params.logprobs)
+            if held is not None:
+                held.add(item.token_ids, item.logprobs)
             finish = item.finish_reason
-            text = stops.feed(detok.push(item.token_ids))
-            if stops.stopped:  # leaving the generator cancels the sequence on rank 0
-                yield TextDelta(job.index, text, "stop", produced)
-                return
+            new_text = text.push(item.token_ids, finish)
+            if held is not None:
+                ended_whole = finish is not None and not text.stopped
+                logprobs = (logprobs or []) + (held.release_all() if ended_whole else held.release(text.emitted))
+            if text.stopped or finish == "cancelled":
+                finish = "stop"  # leaving the generator after a stop string cancels the sequence on rank 0
+            if prefix or new_text or finish or logprobs:
+                yield TextDelta(job.index, prefix + new_text, finish, text.produced, logprobs)
             if finish is not None:
-                text += stops.feed(detok.flush())
-                if stops.stopped:
-                    finish = "stop"
-                else:
-                    text += stops.flush()
-                yield TextDelta(job.index, text, "stop" if finish == "cancelled" else finish, produced)
                 return
-            if text:
-                yield TextDelta(job.index, text, None, produced)
 
     async def _timed(self, items: AsyncIterator[SequenceOutput]) -> AsyncIterator[SequenceOutput]:
         """Rank 0's items for one sequence, timed as they arrive (TTFT, TPOT, tokens)."""
@@ -196,17 +139,21 @@ class CompletionService:
     async def complete(self, req: CompletionRequest, jobs: list[SequenceJob]) -> dict:
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self._count_prompt_tokens(req, jobs)
-        texts = {job.index: (job.prompt_text if req.echo else "") for job in jobs}
+        texts = {job.index: "" for job in jobs}
+        logprobs = {job.index: [] for job in jobs if job.params.logprobs is not None}
         finish, tokens = {}, {}
         async with self._deadline():
             async for d in self._merged(jobs, request_id):
                 texts[d.index] += d.text
                 tokens[d.index] = d.completion_tokens
+                if d.logprobs:
+                    logprobs[d.index] += d.logprobs
                 if d.finish_reason:
                     finish[d.index] = d.finish_reason
         return {
             "id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [{"index": j.index, "text": texts[j.index], "logprobs": None,
+            "choices": [{"index": j.index, "text": texts[j.index],
+                         "logprobs": render(logprobs[j.index]) if j.index in logprobs else None,
                          "finish_reason": finish.get(j.index, "length")} for j in jobs],
             "usage": self._usage(req, jobs, tokens),
         }
@@ -214,26 +161,26 @@ class CompletionService:
     async def stream(self, req: CompletionRequest, jobs: list[SequenceJob]) -> AsyncIterator[str]:
         """Server-sent events: a chunk per text delta, optional usage, then [DONE].
 
-        Errors after the 200 has gone out can only be told in-band, as an error event.
+        A chunk carries the logprobs of the tokens its text releases, so the chunks' logprobs
+        join to the unstreamed ones. Errors after the 200 has gone out can only be told
+        in-band, as an error event.
         """
         request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
         self._count_prompt_tokens(req, jobs)
 
-        def chunk(index: int, text: str, finish: Optional[str]) -> str:
+        def chunk(d: TextDelta) -> str:
+            choice = {"index": d.index, "text": d.text,
+                      "logprobs": None if d.logprobs is None else render(d.logprobs), "finish_reason": d.finish_reason}
             body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
         tokens = {}
         try:
-            if req.echo:
-                for job in jobs:
-                    yield chunk(job.index, job.prompt_text, None)
             async with self._deadline():
                 async for d in self._merged(jobs, request_id):
                     tokens[d.index] = d.completion_tokens
-                    if d.text or d.finish_reason:
-                        yield chunk(d.index, d.text, d.finish_reason)
+                    yield chunk(d)
             if req.stream_options and req.stream_options.include_usage:
                 body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                         "choices": [], "usage": self._usage(req, jobs, tokens)}
