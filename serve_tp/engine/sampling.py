@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from serve_tp.engine.sampling_ops import counter_uniform, inverse_cdf, nucleus_size, nucleus_threshold, to_int64
+from serve_tp.engine.sampling_ops import (blocked_inverse_cdf, counter_uniform, inverse_cdf, nucleus_size,
+                                          nucleus_threshold, radix_nucleus_threshold, to_int64)
 from serve_tp.engine.sampling_state import SlotState
 from serve_tp.messages import SamplingParams, TokenLogprob
 
 NEG_INF = float("-inf")
-TOP_P_CANDIDATES = (64, 1024)  # best-first prefixes tried for a top-p cut before sorting the row
+TOP_P_CANDIDATES = 64  # a top-p cut that ends among a row's 64 best tokens needs no radix select
 
 
 def random_seed() -> int:
@@ -97,15 +98,24 @@ class Sampler:
 
     The engine calls `admit` when a sequence takes a slot, `move` for every compaction
     move the batch makes, and `sample` once per step with the logits of slots 0..n-1.
+
+    `avoid_host_sync` (default: on CUDA) finds every top-p cut by radix select, so a step
+    never waits for the device; off, a cut that ends among a row's 64 best tokens is read
+    from them, and only the rows where it does not (one small device-to-host read) pay
+    for the radix select, which is cheaper where the host and the device are one.
     """
 
     def __init__(self, slots: int, vocab_size: int, device, eos_token_id: Optional[int],
-                 max_logprobs: int, context_length: int):
-        self.state = SlotState(slots, vocab_size, torch.device(device), context_length)
+                 max_logprobs: int, context_length: int, avoid_host_sync: Optional[bool] = None):
+        device = torch.device(device)
+        self.state = SlotState(slots, vocab_size, device, context_length)
         self.slots, self.vocab_size = slots, vocab_size
         self.eos_token_id = eos_token_id
         self.max_logprobs = max_logprobs
+        self.avoid_host_sync = device.type == "cuda" if avoid_host_sync is None else avoid_host_sync
 
+    # admit and move run in inference mode too: state made in it cannot change outside it.
+    @torch.inference_mode()
     def admit(self, slot: int, params: SamplingParams, seed: int, prompt_ids: Sequence[int]) -> None:
         """Give `slot` to a new sequence; `seed` is the request's, or `random_seed()` when it gave none."""
         self._check(params)
@@ -119,6 +129,7 @@ class Sampler:
             bans = sorted({t for t in candidates if 0 <= t < self.vocab_size})
         self.state.admit(slot, params, to_int64(seed), prompt_ids, bans)
 
+    @torch.inference_mode()
     def move(self, source: int, target: int) -> None:
         """The sequence in `source` now lives in `target` (what `batch.compact` moved)."""
         self.state.move(source, target)
@@ -129,6 +140,8 @@ class Sampler:
         n, width = logits.shape
         if n > self.slots or width != self.vocab_size:
             raise ValueError(f"sample got logits {tuple(logits.shape)} for {self.slots} slots x {self.vocab_size} tokens")
+        if n == 0:
+            return SampleResult(torch.empty(0, dtype=torch.int64, device=logits.device))
         host = self.state.host[:n]
         raw = logits.float()
         processed = self.state.process(raw, n)
@@ -137,14 +150,14 @@ class Sampler:
         if greedy.all():
             tokens = top
         else:
-            tokens = self._draw(processed, host, n, top)
+            tokens = self._draw(processed, host, n)
             if top is not None:
                 tokens = torch.where(self.state.greedy(n), top, tokens)
         result = self._with_logprobs(raw, tokens, host)
         self.state.advance(tokens, n)
         return result
 
-    def _draw(self, logits: torch.Tensor, host: np.ndarray, n: int, top: Optional[torch.Tensor]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, host: np.ndarray, n: int) -> torch.Tensor:
         """Sampled rows' tokens (greedy rows get a throwaway draw at temperature 1)."""
         scaled = logits if np.all(host["temperature"] == 1.0) else logits / self.state.column("temperature", n)[:, None]
         uniforms = counter_uniform(self.state.column("seed", n), self.state.column("generated", n))
@@ -152,12 +165,12 @@ class Sampler:
         cut_rows = sampled & (host["top_k"] > 0)
         full_rows = sampled & (host["top_k"] == 0)
         width = int(host["top_k"][cut_rows].max()) if cut_rows.any() else 0
-        if (full_rows & (host["top_p"] < 1.0)).any():
-            width = max(width, TOP_P_CANDIDATES[0])
+        if (full_rows & (host["top_p"] < 1.0)).any() and not self.avoid_host_sync:
+            width = max(width, TOP_P_CANDIDATES)
         candidates = torch.topk(scaled, min(width, self.vocab_size), dim=-1) if width else None
         if not full_rows.any():
             return self._draw_among_candidates(candidates, uniforms, host[cut_rows], n)
-        drawn = self._draw_over_vocabulary(scaled, candidates, uniforms, host[full_rows], n, top)
+        drawn = self._draw_over_vocabulary(scaled, candidates, uniforms, host[full_rows], n)
         if cut_rows.any():
             among = self._draw_among_candidates(candidates, uniforms, host[cut_rows], n)
             drawn = torch.where(self.state.column("top_k", n) > 0, among, drawn)
@@ -177,54 +190,40 @@ class Sampler:
         if (rows["top_p"] < 1.0).any():
             # top-p within what top-k and min_p kept (vLLM renormalises after each cut):
             # draw from the nucleus prefix by stopping the CDF at its last token.
-            size = nucleus_size(weights, self.state.column("top_p", n), cdf[:, -1])
+            size = nucleus_size(weights, self.state.column("top_p", n) * cdf[:, -1])
             total = cdf.gather(1, (size - 1)[:, None])
         column, ok = inverse_cdf(cdf, weights, uniforms, total)
         column = torch.where(ok, column, 0)
         return ids.gather(1, column[:, None]).squeeze(1)
 
-    def _draw_over_vocabulary(self, scaled, candidates, uniforms, rows: np.ndarray, n: int, top) -> torch.Tensor:
+    def _draw_over_vocabulary(self, scaled, candidates, uniforms, rows: np.ndarray, n: int) -> torch.Tensor:
         """Rows without a top-k cut: min_p and top-p become one logit threshold per row."""
         probs = torch.softmax(scaled, dim=-1)
         threshold = None
         if (rows["min_p"] > 0).any():
             threshold = scaled.amax(dim=-1) + self.state.column("log_min_p", n)
         if (rows["top_p"] < 1.0).any():
-            nucleus = self._nucleus_threshold(scaled, probs, candidates, threshold, n)
+            # top-p over what min_p kept, renormalised (vLLM's order).
+            kept = probs if threshold is None else torch.where(scaled >= threshold[:, None], probs, 0.0)
+            target = self.state.column("top_p", n) * kept.sum(-1)
+            nucleus = self._nucleus_threshold(scaled, kept, target, candidates, n)
             threshold = nucleus if threshold is None else torch.maximum(threshold, nucleus)
-        weights = probs if threshold is None else torch.where(scaled >= threshold[:, None], probs, 0.0)
-        column, ok = inverse_cdf(weights.cumsum(-1), weights, uniforms)
-        if threshold is None:
-            return column  # no filter to break: only a NaN row can miss, and any id will do there
-        best = candidates[1][:, 0] if candidates is not None else (top if top is not None else scaled.argmax(-1))
-        return torch.where(ok, column, best)
+        if threshold is not None:
+            probs = torch.where(scaled >= threshold[:, None], probs, 0.0)
+        return blocked_inverse_cdf(probs, uniforms)
 
-    def _nucleus_threshold(self, scaled, probs, candidates, floor, n: int) -> torch.Tensor:
-        """Per row, the lowest logit the top-p nucleus keeps (-inf for rows without top-p).
-
-        Exact from the best candidates when the nucleus ends among them (peaked rows);
-        rows where it does not are retried with a longer prefix, then a full sort. Knowing
-        which rows those are costs one device-to-host read of a row list.
-        """
-        top_p = self.state.column("top_p", n)
+    def _nucleus_threshold(self, scaled, kept, target, candidates, n: int) -> torch.Tensor:
+        """Per row, the lowest logit the top-p nucleus keeps (-inf for rows without top-p)."""
         wanted = self.state.nucleus_rows(n)
-        mass = probs.sum(-1) if floor is None else torch.where(scaled >= floor[:, None], probs, 0.0).sum(-1)
-        values, ids = candidates
-        threshold, exact = nucleus_threshold(values, probs.gather(1, ids), top_p, mass, floor,
-                                             complete=values.shape[1] == self.vocab_size)
-        rows = (wanted & ~exact).nonzero().squeeze(1)
-        for width in [w for w in TOP_P_CANDIDATES[1:] if w < self.vocab_size] + [self.vocab_size]:
-            if rows.numel() == 0:
-                break
-            sub = scaled[rows]
-            if width < self.vocab_size:
-                values, ids = torch.topk(sub, width, dim=-1)
-            else:
-                values, ids = torch.sort(sub, dim=-1, descending=True)
-            retried, exact = nucleus_threshold(values, probs[rows].gather(1, ids), top_p[rows], mass[rows],
-                                               None if floor is None else floor[rows], complete=width == self.vocab_size)
-            threshold[rows] = retried
-            rows = rows[~exact]
+        if self.avoid_host_sync:
+            threshold = radix_nucleus_threshold(scaled, kept, target)
+        else:
+            values, ids = candidates
+            threshold, exact = nucleus_threshold(values, kept.gather(1, ids), target,
+                                                 complete=values.shape[1] == self.vocab_size)
+            rows = (wanted & ~exact).nonzero().squeeze(1)
+            if rows.numel():
+                threshold[rows] = radix_nucleus_threshold(scaled[rows], kept[rows], target[rows])
         return torch.where(wanted, threshold, NEG_INF)
 
     def _with_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, host: np.ndarray) -> SampleResult:
