@@ -44,7 +44,8 @@ class Collector:
 
 def start_engine(model, eos_token_id):
     batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=4, max_len=model.config.n_positions)
-    sampler = Sampler(4, model.config.vocab_size, torch.device("cpu"), eos_token_id=eos_token_id)
+    sampler = Sampler(4, model.config.vocab_size, torch.device("cpu"), eos_token_id=eos_token_id,
+                      max_logprobs=5, context_length=model.config.n_positions)
     loop = EngineLoop(batch, lambda plan: plan, 0,
                       eos_token_id=eos_token_id, max_context=model.config.n_positions,
                       max_batch_size=4, batch_wait_s=0, sampler=sampler)

@@ -200,11 +200,11 @@ def test_plan_returns_sound_jobs_or_a_4xx(service, body):
 @PROPERTY
 @given(body=json_bytes(PLAUSIBLE), scale=st.sampled_from([1.0, 10.0, 100.0]))
 def test_planned_params_sample_a_token(service, body, scale):
-    """What plan lets through, rank 0's sampler must survive: a sampling error there kills
-    the engine loop and with it the whole TP group, for every client."""
+    """What plan lets through, rank 0's sampler must take without raising and answer with
+    tokens of the vocabulary: a sampling error would end every sequence of its step."""
     import torch
 
-    from serve_tp.engine.sampling import make_generator, sample_tokens
+    from serve_tp.engine.sampling import Sampler
 
     req = parse(body)
     if isinstance(req, ValidationError):
@@ -215,8 +215,11 @@ def test_planned_params_sample_a_token(service, body, scale):
         return
     vocab = service.tokenizer.get_vocab_size()
     logits = torch.randn(len(jobs), vocab, generator=torch.Generator().manual_seed(0)) * scale
-    params = [job.params for job in jobs]
-    tokens = sample_tokens(logits, params, [make_generator(p) for p in params])
+    sampler = Sampler(len(jobs), vocab, "cpu", eos_token_id=0, max_logprobs=service.config.max_logprobs,
+                      context_length=service.context_length)
+    for slot, job in enumerate(jobs):
+        sampler.admit(slot, job.params, job.params.seed or slot, job.prompt_ids)
+    tokens = sampler.sample(logits).tokens.tolist()
     assert all(0 <= t < vocab for t in tokens)
 
 

@@ -17,7 +17,7 @@ from serve_tp.engine.batch import SequenceBatch
 from serve_tp.engine.executor import Executor
 from serve_tp.engine.output import OutputProcessor
 from serve_tp.engine.plan import StepPlan
-from serve_tp.engine.sampling import Sampler
+from serve_tp.engine.sampling import Sampler, prompt_logprobs
 from serve_tp.engine.scheduler import Scheduler, Sink
 from serve_tp.messages import SequenceRequest
 
@@ -170,11 +170,10 @@ class EngineLoop:
             for seq in rows:
                 self.outputs.fail(seq, f"sampling failed: {type(exc).__name__}")
             return
-        tokens = result.tokens.tolist()
-        logprobs = result.token_logprobs(rows) if result.has_logprobs else None
-        prompt_logprobs = {
-            sid: self.sampler.prompt_logprobs(logits, self.scheduler.sequence(sid).request.prompt_ids,
-                                              self.scheduler.sequence(sid).params.prompt_logprobs)
-            for sid, logits in step.prompt_logits.items()
-        }
-        self.outputs.deliver(rows, tokens, logprobs, prompt_logprobs)
+        tokens = result.tokens.tolist()  # the step's one device-to-host read
+        logprobs = result.token_logprobs() if result.logprobs is not None else None
+        scored = {}
+        for sid, logits in step.prompt_logits.items():
+            request = self.scheduler.sequence(sid).request
+            scored[sid] = prompt_logprobs(logits, request.prompt_ids, request.params.prompt_logprobs)
+        self.outputs.deliver(rows, tokens, logprobs, scored)

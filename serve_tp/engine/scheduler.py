@@ -8,7 +8,6 @@ here: the batch defines it (`rows_after_evict`), and the scheduler asks.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence as Seq
 
 from serve_tp.engine.plan import Admission, StepPlan
+from serve_tp.engine.sampling import random_seed
 from serve_tp.messages import SequenceOutput, SequenceRequest
 
 HEARTBEAT_S = 1.0  # an idle rank 0 still sends an empty plan this often
@@ -41,11 +41,6 @@ class Sequence:
         return self.request.params
 
 
-def draw_seed() -> int:
-    """A seed for an unseeded sequence (63 bits: any sampler hashes it into its own counter)."""
-    return random.SystemRandom().getrandbits(63)
-
-
 class Scheduler:
     def __init__(self, rows_after_evict: Callable[[Seq[str]], list[str]], max_batch_size: int,
                  batch_wait_s: float):
@@ -64,7 +59,7 @@ class Scheduler:
 
     # ---- any thread ----
     def submit(self, request: SequenceRequest, sink: Sink) -> None:
-        seed = request.params.seed if request.params.seed is not None else draw_seed()
+        seed = request.params.seed if request.params.seed is not None else random_seed()
         with self._cond:
             if self._failure is not None:
                 raise RuntimeError(f"engine failed: {self._failure}")

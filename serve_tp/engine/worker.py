@@ -70,7 +70,8 @@ class InferenceWorker:
         sampler = None
         if self.rank == 0:  # rank 0 alone samples, and sends the tokens with the next plan
             sampler = Sampler(s.max_batch_size, model.config.vocab_size, device,
-                              eos_token_id=model.config.eos_token_id, max_logprobs=s.max_logprobs)
+                              eos_token_id=model.config.eos_token_id, max_logprobs=s.max_logprobs,
+                              context_length=max_context)
         self.engine = EngineLoop(
             batch,
             comm.broadcast_plan,
