@@ -126,3 +126,16 @@ def test_eos_ends_a_sequence_unless_ignored(model_and_tokenizer):
         assert (ignored.finish, ignored.tokens) == ("length", solo)
     finally:
         engine.stop()
+
+
+def test_params_the_sampler_refuses_end_that_sequence_alone(engine, model_and_tokenizer):
+    """The API refuses these with a 400; should any reach rank 0, one sequence fails, not the group."""
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("Hello world.")
+    bad, good = Collector(), Collector()
+    engine.submit(SequenceRequest("good", tuple(prompt), greedy(8)), good)
+    engine.submit(SequenceRequest("bad", tuple(prompt), SamplingParams(max_tokens=8, top_p=0.0)), bad)
+    assert bad.done.wait(30) and good.done.wait(60)
+    assert (bad.finish, bad.tokens) == ("error", [])
+    assert (good.finish, good.tokens) == ("length", alone(model, prompt, 8))
+    assert engine.alive

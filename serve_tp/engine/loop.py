@@ -19,11 +19,12 @@ from serve_tp.engine.output import OutputProcessor
 from serve_tp.engine.plan import StepPlan
 from serve_tp.engine.sampling import Sampler, prompt_logprobs
 from serve_tp.engine.scheduler import Scheduler, Sink
-from serve_tp.messages import SequenceRequest
+from serve_tp.messages import SamplingParams, SequenceRequest
 
 logger = logging.getLogger(__name__)
 
 Broadcast = Callable[[Optional[StepPlan]], StepPlan]
+PLACEHOLDER_PARAMS = SamplingParams(temperature=0, max_tokens=1)
 
 
 class StepTimings:
@@ -148,7 +149,7 @@ class EngineLoop:
                 self.sampler.move(source, target)
             first_new = len(self.batch) - len(admitted)
             for offset, seq in enumerate(admitted):
-                self.sampler.admit(first_new + offset, seq.params, seq.seed, seq.request.prompt_ids)
+                self._admit_to_sampler(first_new + offset, seq)
             t2 = clock()
             if step.logits is not None:
                 self._sample_and_deliver(step)
@@ -160,6 +161,16 @@ class EngineLoop:
             if self.on_step is not None:
                 load = self.scheduler.load()
                 self.on_step(plan.rows, load["waiting"], load["running"])
+
+    def _admit_to_sampler(self, slot: int, seq) -> None:
+        """Params the API let through but the sampler refuses end that sequence alone; its
+        slot samples greedily until the next plan evicts it."""
+        try:
+            self.sampler.admit(slot, seq.params, seq.seed, seq.request.prompt_ids)
+        except ValueError as exc:
+            logger.warning("sequence %s refused by the sampler: %s", seq.seq_id, exc)
+            self.sampler.admit(slot, PLACEHOLDER_PARAMS, seq.seed, ())
+            self.outputs.fail(seq, f"invalid sampling parameters: {exc}")
 
     def _sample_and_deliver(self, step) -> None:
         rows = [self.scheduler.sequence(sid) for sid in self.batch.seq_ids]

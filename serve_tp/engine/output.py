@@ -45,6 +45,8 @@ class OutputProcessor:
     ) -> None:
         """One sampled token per row (row order); finished rows are handed to the scheduler."""
         for row, (seq, token) in enumerate(zip(rows, tokens)):
+            if seq.ended:  # failed at admission: its slot sampled a placeholder
+                continue
             out = SequenceOutput()
             if prompt_logprobs and seq.seq_id in prompt_logprobs:
                 out.prompt_logprobs = prompt_logprobs[seq.seq_id]
@@ -69,5 +71,6 @@ class OutputProcessor:
         self._end(seq, SequenceOutput(finish_reason="error", error=message))
 
     def _end(self, seq: Sequence, out: SequenceOutput) -> None:
+        seq.ended = True
         self.scheduler.finish(seq.seq_id)
         seq.sink(out)

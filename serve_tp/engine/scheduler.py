@@ -31,6 +31,7 @@ class Sequence:
     sink: Sink
     seed: int  # the request's seed, or one drawn for it: its noise depends on nothing else
     generated: list[int] = field(default_factory=list)
+    ended: bool = False  # its finish was delivered; its row leaves with the next plan
 
     @property
     def seq_id(self) -> str:
