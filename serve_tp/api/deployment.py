@@ -3,6 +3,8 @@
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,7 +51,6 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
-
 
 async def read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it passes MAX_BODY_BYTES (never read whole)."""
@@ -177,4 +178,9 @@ class InferenceDeployment:
             ranks = await self.group.health()
         except RankFailure as exc:
             return error_response(APIError(503, f"unhealthy: {exc}", code="unhealthy"))
-        return {"status": "ok", "ranks": ranks, "admission": self.admission.load()}
+        return {"status": "ok", "replica": self.identity(), "ranks": ranks, "admission": self.admission.load()}
+
+    def identity(self) -> dict:
+        """Which replica answered, and proof that its process kept torch out (see .importlinter)."""
+        return {"id": self.replica_id, "pid": os.getpid(),
+                "torch_imported": "torch" in sys.modules, "deepspeed_imported": "deepspeed" in sys.modules}
