@@ -52,6 +52,38 @@ def _openapi() -> dict:
 
 api.openapi = _openapi
 
+REPLICA_HEADER = b"x-serve-tp-replica"
+
+
+class ReplicaHeader:
+    """Pure ASGI, as RequestMetricsMiddleware: every response names the replica (so the TP
+    group) that answered it, for clients and tests that spread requests over replicas.
+
+    The id comes from Serve's replica context, not `api.state`: serve.ingress serves a
+    pickled copy of `api`, which state set on the module's object never reaches.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.replica: Optional[bytes] = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.replica is None:
+            self.replica = serve.get_replica_context().replica_id.unique_id.encode()
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, self.replica)]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+api.add_middleware(ReplicaHeader)
+
+
 async def read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it passes MAX_BODY_BYTES (never read whole)."""
     too_big = APIError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
