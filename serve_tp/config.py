@@ -58,6 +58,11 @@ class ServeTPConfig(BaseModel):
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the replica (HTTP, tokenizer).")
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs reserved for each rank actor.")
 
+    wait_for_resources: bool = Field(
+        False, description="Deploy even when the cluster can never hold one replica and has no "
+        "autoscaler (you will add nodes by hand). Off: build_app refuses at once, with the numbers."
+    )
+
     # --- replicas ---
     num_replicas: int = Field(1, ge=1, le=1024, description="TP groups when autoscaling is off.")
     autoscaling_config: Optional[AutoscalingSettings] = Field(
