@@ -159,14 +159,14 @@ def autoscaler_can_add_nodes() -> bool:
     return configured_autoscaler_in(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
 
 
-def _serve_run_address() -> Optional[str]:
-    """`serve run --address`, when build_app is called by that command (click's context)."""
+def _serve_run_context():
+    """click's context when build_app is called by `serve run`, else None."""
     try:
         import click
     except ImportError:
         return None
     context = click.get_current_context(silent=True)
-    return context.params.get("address") if context is not None else None
+    return context if context is not None and "address" in context.params else None
 
 
 def _local_machine() -> Resources:
@@ -186,20 +186,25 @@ def _connected_view(source: str) -> ClusterView:
 
 
 def observe_cluster() -> Optional[ClusterView]:
-    """The cluster this app's replicas will be placed on, or None where it cannot be seen.
+    """The cluster this app's replicas will be placed on, or None where it cannot be known.
 
-    Connected (Serve config deploys, `serve.run` from Python): that cluster. Not yet
-    connected (`serve run module:build_app` builds before it calls ray.init): the cluster
-    `ray.init` will find (--address, RAY_ADDRESS, the last `ray start` here), looked at
-    through a short connection; else the local instance it will start on this machine.
+    Connected (Serve config deploys, `serve.run` after ray.init): that cluster. Built by
+    `serve run module:build_app`, which builds before it calls ray.init(address=--address):
+    the cluster that call will find (--address, RAY_ADDRESS, the last `ray start` here),
+    looked at through a short connection, else the local instance it will start on this
+    machine. Any other caller not yet connected may still call ray.init its own way
+    (num_cpus=...), so nothing can be said.
     """
     import ray
 
     if ray.is_initialized():
         return _connected_view(f"the Ray cluster at {ray.get_runtime_context().gcs_address}")
+    context = _serve_run_context()
+    if context is None:
+        return None
     from ray._private.services import canonicalize_bootstrap_address
 
-    address = _serve_run_address()
+    address = context.params["address"]
     if address and address.startswith("ray://"):
         return None  # Ray Client: looking would mean starting a client session
     try:
@@ -209,7 +214,7 @@ def observe_cluster() -> Optional[ClusterView]:
         return None
     if bootstrap is None:
         return ClusterView([_local_machine()], False,
-                           "this machine (no Ray cluster is running, so a local Ray instance starts here)")
+                           "this machine (no Ray cluster is running, so `serve run` starts a local Ray instance)")
     try:
         ray.init(address=bootstrap, log_to_driver=False, logging_level=logging.WARNING)
         return _connected_view(f"the Ray cluster at {bootstrap}")

@@ -116,7 +116,16 @@ def test_bare_serve_run_on_a_machine_too_small_fails_before_starting_ray(tiny_mo
         os.killpg(proc.pid, signal.SIGKILL)  # it started Ray and waits: the check did not fire
         raise
     assert proc.returncode != 0
-    assert "can never hold one replica" in output and "this machine (no Ray cluster is running" in output
+    assert "can never hold one replica" in output and "this machine (no Ray cluster is running, so `serve run`" in output
     assert "no node has 200001 CPU" in output
     assert "Started a local Ray instance" not in output
     assert time.monotonic() - started < 60
+
+
+def test_a_caller_not_yet_connected_outside_serve_run_is_not_judged(tmp_path):
+    """Such a caller may still ray.init(num_cpus=...) as it likes (benchmarks/bench_serving.py
+    does): this machine's cores say nothing about that cluster."""
+    code = "from serve_tp.cluster_fit import observe_cluster; print('VIEW', observe_cluster())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_TMPDIR": str(tmp_path)})
+    assert "VIEW None" in out.stdout, out.stdout + out.stderr

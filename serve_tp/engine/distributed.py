@@ -69,8 +69,10 @@ class TPComm:
         watchdog = self.watchdog
         if watchdog is not None and tensor.dtype in SHM_DTYPES and tensor.is_contiguous():
             watchdog.entered_at = time.monotonic()
-            self._ds_comm.inference_all_reduce(tensor)
-            watchdog.entered_at = None
+            try:
+                self._ds_comm.inference_all_reduce(tensor)
+            finally:
+                watchdog.entered_at = None
         else:
             self._ds_comm.all_reduce(tensor)
 
