@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
+CpuAllReduce = Literal["auto", "shm", "gloo"]
 
 
 class AutoscalingSettings(BaseModel):
@@ -57,6 +58,16 @@ class ServeTPConfig(BaseModel):
     )
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the replica (HTTP, tokenizer).")
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs reserved for each rank actor.")
+    cpu_all_reduce: CpuAllReduce = Field(
+        "auto", description="How CPU ranks sum their row-parallel outputs. auto: DeepSpeed's "
+        "shared-memory all-reduce when every rank is on one node and DeepSpeed has built its op, "
+        "else gloo. shm: shared memory or fail at start. gloo: always gloo (TCP). Ignored on cuda (NCCL)."
+    )
+
+    wait_for_resources: bool = Field(
+        False, description="Deploy even when the cluster can never hold one replica and has no "
+        "autoscaler (you will add nodes by hand). Off: build_app refuses at once, with the numbers."
+    )
 
     # --- replicas ---
     num_replicas: int = Field(1, ge=1, le=1024, description="TP groups when autoscaling is off.")
@@ -125,6 +136,13 @@ class ServeTPConfig(BaseModel):
     def _cpu_dtype(self) -> "ServeTPConfig":
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError("dtype float16 is not supported with device cpu: use float32 or bfloat16")
+        return self
+
+    @model_validator(mode="after")
+    def _shm_on_one_node(self) -> "ServeTPConfig":
+        if self.cpu_all_reduce == "shm" and self.placement_strategy == "STRICT_SPREAD" and self.tensor_parallel_size > 1:
+            raise ValueError("cpu_all_reduce shm needs every rank on one node, and placement_strategy "
+                             "STRICT_SPREAD puts each rank on its own: use auto or gloo")
         return self
 
     @property

@@ -30,6 +30,9 @@ class RankSettings:
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20
+    # How CPU ranks sum (ignored on cuda). The replica sends "auto" or "shm" only when its
+    # placement group put every rank on one node: shared memory cannot reach another node.
+    cpu_all_reduce: Literal["auto", "shm", "gloo"] = "gloo"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from serve_tp.config import ServeTPConfig
 
 
@@ -26,6 +28,24 @@ def replica_bundles(config: ServeTPConfig, device: str) -> list[dict[str, float]
 
 def rank_bundle_index(rank: int) -> int:
     return rank + 1
+
+
+def resolve_cpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
+    """What the ranks are told about summing on CPU, given where the bundles landed.
+
+    `bundle_nodes` maps bundle index to node id (the placement group's table), None when
+    the ranks have no placement group. Shared memory needs every rank on one node.
+    """
+    if device != "cpu" or config.cpu_all_reduce == "gloo":
+        return "gloo"
+    rank_nodes = {(bundle_nodes or {}).get(rank_bundle_index(r)) or None for r in range(config.tensor_parallel_size)}
+    if len(rank_nodes) == 1 and None not in rank_nodes:
+        return config.cpu_all_reduce
+    if config.cpu_all_reduce == "shm":
+        raise ValueError(f"cpu_all_reduce shm needs every rank on one node; the placement group put the "
+                         f"{config.tensor_parallel_size} ranks on {len(rank_nodes - {None})} node(s) "
+                         f"({config.placement_strategy}): use STRICT_PACK, or cpu_all_reduce auto or gloo")
+    return "gloo"
 
 
 def deployment_placement(config: ServeTPConfig, device: str) -> dict:

@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
 from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
-from serve_tp.placement import rank_bundle_index, rank_resources
+from serve_tp.placement import rank_bundle_index, rank_resources, resolve_cpu_all_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class TPGroup:
 
         self.config = config
         self.device = device
+        placement_group = ray.util.get_current_placement_group()
+        bundle_nodes = None
+        if placement_group is not None:
+            bundle_nodes = ray.util.placement_group_table(placement_group).get("bundles_to_node_id")
         settings = RankSettings(
             model=config.model,
             served_model_name=config.model_name,
@@ -62,8 +66,8 @@ class TPGroup:
             collective_timeout_s=config.startup_timeout_s,
             stall_timeout_s=config.stall_timeout_s,
             max_logprobs=config.max_logprobs,
+            cpu_all_reduce=resolve_cpu_all_reduce(config, device, bundle_nodes),
         )
-        placement_group = ray.util.get_current_placement_group()
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)
         self.workers = []

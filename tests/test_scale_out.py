@@ -15,13 +15,28 @@ from tests.conftest import deploy
 
 
 def greedy(base_url, prompt, max_tokens=10):
+    return greedy_response(base_url, prompt, max_tokens).json()["choices"][0]["text"]
+
+
+def greedy_response(base_url, prompt, max_tokens=10):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60,
                    json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+    return r
 
 
-def test_two_replicas_are_two_tp_groups_with_the_same_answers(serve_app):
+def until_both(fetch, tries=40):
+    """`fetch()` -> (replica id, value) until two replicas have answered; {id: [values]}."""
+    seen: dict[str, list] = {}
+    for _ in range(tries):
+        replica, value = fetch()
+        seen.setdefault(replica, []).append(value)
+        if len(seen) == 2 and sum(map(len, seen.values())) >= 8:
+            break
+    return seen
+
+
+def test_two_replicas_are_two_tp_groups_that_both_answer_alike(serve_app):
     url = deploy("replicas", "/replicas", model=serve_app.model_dir, tensor_parallel_size=2,
                  device="cpu", num_replicas=2, replica_cpus=0.5, cpus_per_rank=0.5)
     try:
@@ -31,8 +46,27 @@ def test_two_replicas_are_two_tp_groups_with_the_same_answers(serve_app):
                   if pg["state"] == "CREATED" and pg["strategy"] == "STRICT_PACK"
                   and list(pg["bundles"].values()) == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]]
         assert len(groups) == 2  # one placement group per replica: replica bundle + 2 ranks
+
+        def answer():
+            r = greedy_response(url, "Hello world.")
+            return r.headers["x-serve-tp-replica"], r.json()["choices"][0]["text"]
+
+        # Serve picks a replica per request; both must answer, each the unsharded-equal text.
+        texts = until_both(answer)
+        assert len(texts) == 2, {replica: len(t) for replica, t in texts.items()}
         expected = greedy(serve_app.base_url, "Hello world.")
-        assert {greedy(url, "Hello world.") for _ in range(8)} == {expected}
+        assert {replica: set(t) for replica, t in texts.items()} == {replica: {expected} for replica in texts}
+        for replica in texts:  # the ids are the deployment's live replica actors
+            ray.get_actor(f"SERVE_REPLICA::replicas#InferenceDeployment#{replica}", namespace="serve")
+
+        def rank_pids():
+            body = httpx.get(f"{url}/health", timeout=30).json()
+            return body["replica"]["id"], frozenset(rank["pid"] for rank in body["ranks"])
+
+        pids = {replica: set(p) for replica, p in until_both(rank_pids).items()}
+        assert set(pids) == set(texts)
+        first, second = (frozenset.union(*p) for p in pids.values())
+        assert len(first) == len(second) == 2 and not first & second  # two TP groups of two ranks
     finally:
         serve.delete("replicas")
 

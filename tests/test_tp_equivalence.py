@@ -1,4 +1,5 @@
-"""TP=N on real gloo ranks gives the unsharded model's greedy tokens and logits."""
+"""TP=N on real CPU ranks gives the unsharded model's greedy tokens and logits, with the
+row-parallel sums in DeepSpeed's shared memory (the app's default on one node) or over gloo."""
 
 import pytest
 import torch
@@ -28,11 +29,12 @@ def reference(tiny_model_dir):
     return prompts, tokens, torch.stack(logits)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_tp_matches_unsharded_greedy_tokens_and_logits(tiny_model_dir, reference, world_size):
+@pytest.mark.parametrize("world_size,all_reduce", [(2, "shm"), (3, "shm"), (2, "gloo")])
+def test_tp_matches_unsharded_greedy_tokens_and_logits(tiny_model_dir, reference, world_size, all_reduce):
     prompts, ref_tokens, ref_logits = reference
-    results = run_tp(tiny_model_dir, world_size, prompts, STEPS)
-    tokens, logits = results[0]
+    results = run_tp(tiny_model_dir, world_size, prompts, STEPS, cpu_all_reduce=all_reduce)
+    tokens, logits, kind = results[0]
+    assert kind == all_reduce
     assert tokens == ref_tokens
     torch.testing.assert_close(torch.from_numpy(logits), ref_logits, rtol=1e-4, atol=1e-4)
     for rank in range(1, world_size):  # every rank decoded the same sequence

@@ -15,6 +15,7 @@ from ray.serve.config import BackpressureConfig
 
 from serve_tp.api.admission import serve_routing_limit
 from serve_tp.api.auth import api_key_digest
+from serve_tp.cluster_fit import PlacementError, check_cluster_fits, observe_cluster
 from serve_tp.config import ServeTPConfig
 from serve_tp.api.deployment import InferenceDeployment
 from serve_tp.placement import deployment_placement
@@ -95,6 +96,11 @@ def build_app(args: dict[str, Any]) -> Application:
     if device == "cpu" and config.dtype == "float16":
         raise ConfigError("dtype float16 is not supported on cpu (device resolved from 'auto'): use float32")
     options = deployment_options(config, device)
+    if not config.wait_for_resources:
+        try:
+            check_cluster_fits(options["placement_group_bundles"], config.placement_strategy, observe_cluster())
+        except PlacementError as exc:
+            raise ConfigError(str(exc)) from None
     logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
     return InferenceDeployment.options(**options).bind(
         config.model_dump(mode="json"), device, api_key_digest()

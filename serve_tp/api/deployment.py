@@ -3,6 +3,8 @@
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,6 +51,37 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
+
+REPLICA_HEADER = b"x-serve-tp-replica"
+
+
+class ReplicaHeader:
+    """Pure ASGI, as RequestMetricsMiddleware: every response names the replica (so the TP
+    group) that answered it, for clients and tests that spread requests over replicas.
+
+    The id comes from Serve's replica context, not `api.state`: serve.ingress serves a
+    pickled copy of `api`, which state set on the module's object never reaches.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.replica: Optional[bytes] = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.replica is None:
+            self.replica = serve.get_replica_context().replica_id.unique_id.encode()
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, self.replica)]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+api.add_middleware(ReplicaHeader)
 
 
 async def read_body(request: Request) -> bytes:
@@ -177,4 +210,9 @@ class InferenceDeployment:
             ranks = await self.group.health()
         except RankFailure as exc:
             return error_response(APIError(503, f"unhealthy: {exc}", code="unhealthy"))
-        return {"status": "ok", "ranks": ranks, "admission": self.admission.load()}
+        return {"status": "ok", "replica": self.identity(), "ranks": ranks, "admission": self.admission.load()}
+
+    def identity(self) -> dict:
+        """Which replica answered, and proof that its process kept torch out (see .importlinter)."""
+        return {"id": self.replica_id, "pid": os.getpid(),
+                "torch_imported": "torch" in sys.modules, "deepspeed_imported": "deepspeed" in sys.modules}

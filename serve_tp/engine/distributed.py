@@ -2,18 +2,32 @@
 
 Rank 0 binds a free port on its own node and reports `node_ip:port`; the other ranks
 dial that address. Nothing guesses a random port, so no restart loop is needed.
+
+The model's all-reduce: NCCL on GPUs; on CPU, DeepSpeed's shared-memory all-reduce when
+every rank is on one node (serve_tp/engine/shm_all_reduce.py), else gloo.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import pickle
 import socket
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+
+from serve_tp.engine.shm_all_reduce import (
+    CollectiveWatchdog, prepare_environment, shm_unavailable, unlink_own_segment,
+)
+
+logger = logging.getLogger(__name__)
+
+CpuAllReduce = Literal["auto", "shm", "gloo"]
+SHM_DTYPES = (torch.float32, torch.bfloat16)  # what shm.cpp sums (fp16 too, but not on CPU here)
 
 
 def free_port(host: str) -> int:
@@ -29,19 +43,38 @@ PLAN_INLINE_BYTES = 8192  # a decode plan for hundreds of sequences fits in one 
 
 @dataclass
 class TPComm:
-    """The collectives a rank uses: the model's all-reduce and the plan broadcast."""
+    """The collectives a rank uses: the model's all-reduce and the plan broadcast.
+
+    `all_reduce_kind` says what sums the row-parallel outputs: "nccl", "gloo", "shm"
+    (DeepSpeed's shared memory, bounded by `watchdog`) or "none" (one rank).
+    """
 
     rank: int
     world_size: int
     control_group: Optional[object]
-
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        import deepspeed.comm as ds_comm
-
-        ds_comm.all_reduce(tensor)
+    all_reduce_kind: str = "none"
+    watchdog: Optional[CollectiveWatchdog] = None
 
     def __post_init__(self):
         self._plan_buffer = torch.zeros(PLAN_INLINE_BYTES, dtype=torch.uint8)
+        self._ds_comm = None
+        if self.world_size > 1:
+            import deepspeed.comm as ds_comm
+
+            self._ds_comm = ds_comm
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the ranks, in place. Every rank takes the same path: the
+        choice depends only on the kind (agreed at start) and the tensor's dtype and layout."""
+        watchdog = self.watchdog
+        if watchdog is not None and tensor.dtype in SHM_DTYPES and tensor.is_contiguous():
+            watchdog.entered_at = time.monotonic()
+            try:
+                self._ds_comm.inference_all_reduce(tensor)
+            finally:
+                watchdog.entered_at = None
+        else:
+            self._ds_comm.all_reduce(tensor)
 
     def broadcast_plan(self, plan):
         """Rank 0 sends `plan`; the others receive it. Pickled over the CPU group.
@@ -75,17 +108,23 @@ class TPComm:
 
 def init_tp_comm(
     rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float,
-    cuda_index: int = 0,
+    cuda_index: int = 0, cpu_all_reduce: CpuAllReduce = "gloo", shm_timeout_s: Optional[float] = None,
 ) -> TPComm:
     """Join the group (blocks until every rank has joined) and make the control group.
 
     `cuda_index` is this rank's visible GPU (0 inside a Ray actor, whose
     CUDA_VISIBLE_DEVICES holds one GPU); DeepSpeed binds NCCL to it via LOCAL_RANK.
+    `cpu_all_reduce` (gloo backend only): "auto" or "shm" promise that every rank is on
+    this node; "auto" then uses shared memory if every rank can, "shm" requires it.
+    A shm all-reduce that waits longer than `shm_timeout_s` (default `timeout_s`) ends
+    the rank (see CollectiveWatchdog).
     """
     if world_size == 1:
         return TPComm(rank, 1, None)
     import deepspeed
 
+    want_shm = backend == "gloo" and cpu_all_reduce in ("auto", "shm")
+    prepare_environment(want_shm, world_size, address, port)
     os.environ["LOCAL_RANK"] = str(cuda_index)
     timeout = datetime.timedelta(seconds=timeout_s)
     deepspeed.init_distributed(
@@ -100,4 +139,30 @@ def init_tp_comm(
     # Plans travel on gloo even when the model's collectives use NCCL: pickled Python
     # objects belong on the CPU, and gloo's timeouts keep an idle follower from hanging.
     control = torch.distributed.new_group(backend="gloo", timeout=timeout)
-    return TPComm(rank, world_size, control)
+    if backend != "gloo":
+        return TPComm(rank, world_size, control, all_reduce_kind=backend)
+    if not want_shm:
+        return TPComm(rank, world_size, control, all_reduce_kind="gloo")
+    if _every_rank_has_shm(control, cpu_all_reduce, address, port, rank):
+        watchdog = CollectiveWatchdog(rank, shm_timeout_s or timeout_s)
+        return TPComm(rank, world_size, control, all_reduce_kind="shm", watchdog=watchdog)
+    return TPComm(rank, world_size, control, all_reduce_kind="gloo")
+
+
+def _every_rank_has_shm(control, cpu_all_reduce: CpuAllReduce, address: str, port: int, rank: int) -> bool:
+    """Whether all ranks agree to sum in shared memory (a MIN over the control group).
+
+    The vote is also the barrier after which each rank's segment name can go: every
+    rank has returned from init_distributed, so has mapped every peer's segment.
+    """
+    reason = shm_unavailable()
+    vote = torch.tensor([0 if reason else 1], dtype=torch.int32)
+    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN, group=control)
+    unlink_own_segment(address, port, rank)
+    if vote.item() == 1:
+        return True
+    why = reason or "another rank cannot use it"
+    if cpu_all_reduce == "shm":
+        raise RuntimeError(f"cpu_all_reduce=shm, but rank {rank} cannot sum in shared memory: {why}")
+    logger.warning("rank %d: all-reduce over gloo, not shared memory: %s", rank, why)
+    return False

@@ -61,7 +61,8 @@ class InferenceWorker:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         model_dir = str(resolve_model_dir(s.model, s.hf_revision))
-        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s.collective_timeout_s)
+        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s.collective_timeout_s,
+                            cpu_all_reduce=s.cpu_all_reduce, shm_timeout_s=s.stall_timeout_s)
         model = load_sharded_model(model_dir, s.dtype, device, self.rank, self.world_size, comm.all_reduce)
         max_context = s.context_length
         batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
@@ -94,6 +95,7 @@ class InferenceWorker:
             "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "backend": backend,
+            "all_reduce": comm.all_reduce_kind,
             "dtype": s.dtype,
             "kv_cache_mib": round(batch.cache.nbytes / 2**20, 1),
             "cuda_graphs": batch.runner.graph_count,
