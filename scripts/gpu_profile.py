@@ -33,19 +33,20 @@ def _time(fn, steps):
 
 def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
     from serve_tp.engine.batch import SequenceBatch
-    from serve_tp.engine.distributed import init_tp_comm
-    from serve_tp.model.forward import GPT2Forward
-    from serve_tp.model.loader import load_sharded_model
+    from serve_tp.engine.rank_setup import setup_rank
+    from serve_tp.messages import RankSettings
+    from serve_tp.model.source import context_length, read_model_config
 
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    comm = init_tp_comm(rank, world, "127.0.0.1", port, "nccl", 120, cuda_index=rank)
-    model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
-    forward = GPT2Forward(model, rank, world, comm.all_reduce)
+    context = context_length(read_model_config(Path(model_dir)))
+    settings = RankSettings(model=model_dir, served_model_name="profile", device="cuda", dtype=dtype,
+                            max_batch_size=max(batches), context_length=context, cuda_graphs=True,
+                            collective_timeout_s=120)
+    ready = setup_rank(rank, world, "127.0.0.1", port, settings, cuda_index=rank)
+    comm, forward = ready.comm, ready.forward
     results = {}
     for graphs in (True, False):
-        batch = SequenceBatch(forward, max(batches), model.config.n_positions, cuda_graphs=graphs)
-        batch.capture()
+        # the serving batch (graphs captured by setup_rank), then an eager one over the same forward
+        batch = ready.batch if graphs else SequenceBatch(forward, max(batches), context, cuda_graphs=False)
         results[f"capture_s_{graphs}"] = batch.runner.capture_s
         for size in batches:
             ids = [str(i) for i in range(size)]

@@ -2,8 +2,9 @@
 # Every GPU step of a session, in one call on a 2-GPU device machine:
 #   run(command="bash scripts/gpu_session.sh", carry=[".whl"], kind="nvidia-h100-x2")
 # SKIP_CHECK=1, SKIP_PROFILE=1, SKIP_BENCH=1 leave out a part (a call may run 10 minutes).
-# Builds a GPT-2-small-shaped random model (12 layers, 12 heads, 768 wide, vocab 50257:
-# the device has no Hub; filler tokens give every id visible text), proves TP=2
+# Builds a GPT-2-small-shaped model (12 layers, 12 heads, 768 wide, vocab 50257: the device
+# has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS steps on the
+# shipped corpus on GPU 0 so its logits are peaked like a real model's, proves TP=2
 # correctness, profiles the decode step, then benchmarks the service against the
 # tutorial's serving and plain HF generate.
 set -uo pipefail
@@ -13,7 +14,8 @@ export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 nvidia-smi -L
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
-python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
+python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 \
+  --train-steps ${TRAIN_STEPS:-200} --batch-size 16 --device cuda >/dev/null && cat $M/training.json
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
   echo "== correctness"; python3 scripts/gpu_check.py --model $M --steps 32 2>&1 | grep -v "WARNING\|Warning\|warn" | tee "$OUT/gpu_check.log" | tail -25
 fi
