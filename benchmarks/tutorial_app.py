@@ -2,9 +2,11 @@
 
 One `InferenceDeployment` replica owns a TP group of `InferenceWorker` rank actors. Every
 request makes every rank call Hugging Face `model.generate(...)` on its shard, and rank 0's
-text is returned. That is the design serve_tp is measured against, so the model is the same:
-serve_tp's own shards (`load_sharded_model`) and process group (`init_tp_comm`). Only the
-driving differs: no batching, one request at a time.
+text is returned. That is the design serve_tp is measured against, so each rank starts as
+serve_tp's do (`serve_tp.engine.rank_setup.setup_rank`: the same process group, shard and
+dtype), then wraps its shard in Hugging Face's module (`hf_module_from_shard`, with this
+baseline's own row-parallel layer) for `generate`. Only the driving differs: no batching,
+one request at a time.
 
 Kept from the tutorial: one request at a time per replica, `generate` per request on all
 ranks, rank 0 answers. Changed so it can be benchmarked against serve_tp:
@@ -34,10 +36,13 @@ import uuid
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+
+from serve_tp.config import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +67,7 @@ class TutorialConfig(BaseModel):
 
     @property
     def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if self.device == "cuda" else "float32"
+        return resolve_dtype(self.dtype, self.device)
 
     def bundles(self) -> list[dict]:
         """Bundle 0 holds the replica, bundle 1 + r rank r: serve_tp's placement, so only the driving differs."""
@@ -92,6 +95,51 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
 
 
+class RowParallelConv1D(torch.nn.Module):
+    """Conv1D over this rank's slice of input rows; partial sums all-reduced, then the bias once.
+
+    The baseline's own: serve_tp's forward (serve_tp/model/forward.py) does this inside its
+    GEMM; Hugging Face's module needs it as a layer.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, all_reduce):
+        super().__init__()
+        self.weight, self.bias, self.nf = weight, bias, weight.shape[1]
+        self._all_reduce = all_reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.mm(x.reshape(-1, x.size(-1)), self.weight)
+        self._all_reduce(out)
+        return (out + self.bias).view(x.size()[:-1] + (self.nf,))
+
+
+def hf_module_from_shard(shard, all_reduce):
+    """Hugging Face's GPT2LMHeadModel holding serve_tp's shard (the same tensors, no copy).
+
+    Built on the shard's device, then every weight replaced by the shard's; attention is
+    resized to this rank's heads (which may be one fewer than another rank's).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(shard.device):
+        model = AutoModelForCausalLM.from_config(shard.config, attn_implementation="sdpa")
+    model.to(shard.dtype).eval()
+    transformer, width = model.transformer, shard.plan.heads * shard.plan.head_dim
+    transformer.wte.weight, transformer.wpe.weight = shard.wte, shard.wpe
+    transformer.ln_f = shard.ln_f
+    model.lm_head.weight = shard.vocab_projection
+    for block, part in zip(transformer.h, shard.blocks):
+        block.ln_1, block.ln_2 = part.ln_1, part.ln_2
+        attn = block.attn
+        attn.c_attn.weight, attn.c_attn.bias, attn.c_attn.nf = part.c_attn.weight, part.c_attn.bias, 3 * width
+        attn.num_heads, attn.split_size, attn.embed_dim = shard.plan.heads, width, width
+        attn.c_proj = RowParallelConv1D(part.attn_proj.weight, part.attn_proj.bias, all_reduce)
+        block.mlp.c_fc.weight, block.mlp.c_fc.bias = part.c_fc.weight, part.c_fc.bias
+        block.mlp.c_fc.nf = part.c_fc.weight.shape[1]
+        block.mlp.c_proj = RowParallelConv1D(part.mlp_proj.weight, part.mlp_proj.bias, all_reduce)
+    return model
+
+
 class InferenceWorker:
     """One TP rank: serve_tp's shard of the model, driven by Hugging Face `generate`."""
 
@@ -109,21 +157,21 @@ class InferenceWorker:
         return host, free_port(host)
 
     def setup(self, address: str, port: int) -> None:
-        import torch
         from transformers import AutoTokenizer
 
-        from serve_tp.engine.distributed import init_tp_comm
-        from serve_tp.model.loader import load_sharded_model
+        from serve_tp.engine.rank_setup import setup_rank
+        from serve_tp.messages import RankSettings
+        from serve_tp.model.source import context_length, read_model_config
 
         cfg = self.cfg
-        self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, cfg.collective_timeout_s)
-        self.model = load_sharded_model(
-            cfg.model, cfg.resolved_dtype, self.device, self.rank, self.world_size, comm.all_reduce
+        settings = RankSettings(  # one slot, no graphs: this baseline decodes with HF generate
+            model=cfg.model, served_model_name=cfg.model_name, device=cfg.device, dtype=cfg.resolved_dtype,
+            max_batch_size=1, context_length=context_length(read_model_config(Path(cfg.model))),
+            cuda_graphs=False, collective_timeout_s=cfg.collective_timeout_s,
         )
+        ready = setup_rank(self.rank, self.world_size, address, port, settings)
+        self.device = ready.device
+        self.model = hf_module_from_shard(ready.shard, ready.comm.all_reduce)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
 
     def inference(self, text: str, max_tokens: int, temperature: float, ignore_eos: bool, seed: int,

@@ -3,13 +3,13 @@
     python scripts/gpu_check.py --model DIR [--steps 32]
 
 1. one unsharded process on cuda:0, greedy by full forward passes (no KV cache);
-2. the TP engine on 2 GPUs (NCCL, our shards under deepspeed.init_inference, our forward
+2. the TP engine on 2 GPUs (NCCL, ranks started by rank_setup.setup_rank as served, our forward
    over the static KV cache), the prompts decoded together as one batch, in fp32 and
    fp16, decode steps replayed as CUDA graphs and launched eagerly; where a prompt departs
    from the reference, the reference's top-2 logit gap at that step (a near-tie or not);
 3. the real Serve app (TP=2, device=cuda) over HTTP, in fp32 and fp16;
 4. a control: fp16 unsharded with its KV cache (HF generate) against fp16 without cache,
-   to show how far fp16 rounding alone moves greedy tokens on this random model.
+   to show how far fp16 rounding alone moves greedy tokens on this model.
 Prints a table; exits non-zero if fp32 TP=2 tokens differ from the unsharded ones.
 """
 

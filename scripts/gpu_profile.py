@@ -62,18 +62,22 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
 
 
 def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
-    from serve_tp.engine.distributed import init_tp_comm
-    from serve_tp.model.forward import GPT2Forward
-    from serve_tp.model.loader import load_sharded_model
+    from serve_tp.engine.rank_setup import setup_rank
+    from serve_tp.messages import RankSettings
+    from serve_tp.model.source import context_length, read_model_config
 
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    comm = init_tp_comm(rank, world, "127.0.0.1", port, "nccl", 120, cuda_index=rank)
-    model = load_sharded_model(model_dir, dtype, device, rank, world, comm.all_reduce)
-    forward = GPT2Forward(model, rank, world, comm.all_reduce)
+    context = context_length(read_model_config(Path(model_dir)))
+    # The serving path's rank setup with a one-slot eager batch: each timing pass below
+    # builds the batch it times, so the graph pass's KV cache is freed before the eager one's.
+    settings = RankSettings(model=model_dir, served_model_name="profile", device="cuda", dtype=dtype,
+                            max_batch_size=1, context_length=context, cuda_graphs=False,
+                            collective_timeout_s=120)
+    ready = setup_rank(rank, world, "127.0.0.1", port, settings, cuda_index=rank)
+    comm, forward = ready.comm, ready.forward
+    ready.batch = None
     results = {}
     for graphs in (True, False):
-        _time_pass(forward, model.config.n_positions, batches, steps, graphs, results)
+        _time_pass(forward, context, batches, steps, graphs, results)
         # The KV cache of the largest shapes takes half the GPU: the graph pass's is freed
         # (its batch went out of scope) before the eager pass allocates its own.
         gc.collect()

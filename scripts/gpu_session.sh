@@ -18,8 +18,9 @@
 #   SKIP_REALISTIC=1                serve_tp, realistic lengths, mixed greedy/sampled, Poisson at
 #                                   $RATES req/s and 32 closed-loop users                   (~2-3 min)
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
-# copy them there. The model is GPT-2 small's shape with random weights (12 layers, 12 heads,
-# 768 wide, vocab 50257: the device has no Hub; filler tokens give every id visible text).
+# copy them there. The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab
+# 50257: the device has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS
+# steps on the shipped corpus on GPU 0 so its logits are peaked like a real model's.
 set -uo pipefail
 source .whl/install.sh
 OUT=${OUT:-/tmp/out}
@@ -33,7 +34,9 @@ R="$OUT/$MACHINE"; mkdir -p "$R"
 echo "results: $R"
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
-[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 >/dev/null
+[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M --layers 12 --heads 12 --embd 768 --positions 1024 --model-vocab 50257 \
+  --train-steps ${TRAIN_STEPS:-200} --batch-size 16 --device cuda >/dev/null
+[ -f $M/training.json ] && cat $M/training.json
 QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
 skip() { [ "${!1:-0}" = 1 ]; }
 [ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1

@@ -17,6 +17,20 @@ PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 CpuAllReduce = Literal["auto", "shm", "gloo"]
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The one dtype rule, for the app, the ranks and the tutorial baseline.
+
+    auto: float16 on cuda (speed), float32 on cpu. float16 on cpu is refused: DeepSpeed's
+    CPU accelerator lists only float32 and bfloat16 (init_inference would fail on every
+    rank, tests/test_loader.py), so it fails here first, with the fix in the message.
+    """
+    if device == "cpu" and dtype == "float16":
+        raise ValueError("dtype float16 is not supported with device cpu: use float32 or bfloat16")
+    if dtype != "auto":
+        return dtype
+    return "float16" if device == "cuda" else "float32"
+
+
 class AutoscalingSettings(BaseModel):
     """Serve autoscaling; each replica is a whole TP group, so scale in groups."""
 
@@ -133,9 +147,9 @@ class ServeTPConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _cpu_dtype(self) -> "ServeTPConfig":
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ValueError("dtype float16 is not supported with device cpu: use float32 or bfloat16")
+    def _device_dtype(self) -> "ServeTPConfig":
+        if self.device != "auto":  # "auto" is resolved, and checked, by resolved_dtype at build time
+            resolve_dtype(self.dtype, self.device)
         return self
 
     @model_validator(mode="after")
@@ -154,7 +168,5 @@ class ServeTPConfig(BaseModel):
         return path.name if path.is_dir() else self.model
 
     def resolved_dtype(self, device: str) -> str:
-        """fp16 on GPU (speed), fp32 on CPU (many CPU kernels lack fp16)."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if device == "cuda" else "float32"
+        """The dtype the ranks load in on `device` (resolve_dtype); ValueError if it cannot run there."""
+        return resolve_dtype(self.dtype, device)

@@ -6,8 +6,8 @@ import json
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from tests import reference
 
 PROMPT = "The quick brown fox"
 
@@ -19,21 +19,8 @@ def client(serve_app):
 
 @pytest.fixture(scope="module")
 def unsharded(tiny_model_dir):
-    """Greedy continuation text from one unsharded Hugging Face process."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
-
-    def greedy(prompt, max_tokens):
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-        new = out[0, ids["input_ids"].shape[1]:]
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
-        return text, finish, len(new)
-
-    return greedy
+    """(text, finish_reason, tokens) of a greedy completion by one unsharded process."""
+    return lambda prompt, max_tokens: reference.greedy_text(tiny_model_dir, prompt, max_tokens)
 
 
 def test_greedy_completion_equals_unsharded_model(client, serve_app, unsharded):
@@ -43,7 +30,7 @@ def test_greedy_completion_equals_unsharded_model(client, serve_app, unsharded):
     assert res.choices[0].text == text
     assert res.choices[0].finish_reason == finish
     assert res.usage.completion_tokens == n
-    assert res.usage.prompt_tokens == len(AutoTokenizer.from_pretrained(serve_app.model_dir).encode(PROMPT))
+    assert res.usage.prompt_tokens == len(reference.tokenizer(serve_app.model_dir).encode(PROMPT))
 
 
 def test_streamed_chunks_join_to_the_unstreamed_text(client, serve_app):

@@ -4,21 +4,32 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import GPT2LMHeadModel
 
 from serve_tp.engine.batch import SequenceBatch, compact, prefill_chunks
 from serve_tp.engine.decode_runner import attention_span, batch_buckets, bucket_for, span_buckets
 from serve_tp.model.forward import GPT2Forward
+from serve_tp.model.shard import shard_gpt2
+from tests import reference
+from tests.test_tp_equivalence import whole_context_script
+from tests.tp_ranks import Arrival, Script, play
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+def forward(tiny_model_dir):
+    """Our forward over the whole (world size 1) shard of the float32 model."""
+    return GPT2Forward(shard_gpt2(reference.hf_model(tiny_model_dir, "float32", "sdpa")))
 
 
-def hf_next_logits(model, ids):
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0, -1]
+@pytest.fixture(scope="module")
+def bound(tiny_model_dir):
+    """BOUND_FACTOR x HF float32's own error against float64, on full-context held-out text."""
+    sequences = [list(a.prompt) for a in whole_context_script(tiny_model_dir).arrivals]
+    return reference.BOUND_FACTOR * reference.rounding_control(tiny_model_dir, sequences)["fp32_vs_fp64"]
+
+
+def assert_close_to_exact(model_dir, ids, logits, bound):
+    error = float((logits.double() - reference.logits_along(model_dir, ids)[-1]).abs().max())
+    assert error <= bound, f"logits after {len(ids)} tokens off by {error:.3g} > {bound:.3g}"
 
 
 @given(st.lists(st.integers(0, 30), unique=True, max_size=12), st.data())
@@ -53,14 +64,14 @@ def test_buckets_and_spans():
     assert all(attention_span(n, 1000) in span_buckets(1000) for n in range(1, 1001))
 
 
-def test_decode_matches_hf_after_slots_move(model):
+def test_decode_matches_hf_after_slots_move(tiny_model_dir, forward, bound):
     """Three sequences, the middle one leaves (the last moves into its slot), decoding goes on."""
-    batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=4, max_len=model.config.n_positions)
+    batch = SequenceBatch(forward, slots=4, max_len=forward.wpe.shape[0])
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4], "c": [20, 21, 22, 23]}
     first, _ = batch.admit(list(prompts), list(prompts.values()))
     seqs = {sid: list(p) for sid, p in prompts.items()}
     for sid, row in zip(prompts, first):
-        torch.testing.assert_close(row, hf_next_logits(model, seqs[sid]), rtol=1e-4, atol=1e-4)
+        assert_close_to_exact(tiny_model_dir, seqs[sid], row, bound)
         seqs[sid].append(int(row.argmax()))
     for step in range(6):
         if step == 2:
@@ -68,24 +79,45 @@ def test_decode_matches_hf_after_slots_move(model):
             assert batch.seq_ids == ["a", "c"]
         logits = batch.decode([seqs[sid][-1] for sid in batch.seq_ids])
         for sid, row in zip(batch.seq_ids, logits):
-            torch.testing.assert_close(row, hf_next_logits(model, seqs[sid]), rtol=1e-4, atol=1e-4)
+            assert_close_to_exact(tiny_model_dir, seqs[sid], row, bound)
             seqs[sid].append(int(row.argmax()))
 
 
-def test_padding_rows_of_a_bucket_do_not_touch_the_real_rows(model):
+def test_logits_after_slot_moves_match_hf_over_long_contexts(tiny_model_dir, forward, bound):
+    """Long and short rows leave in turn, so long caches move between slots mid-decode and
+    new rows join into the freed slots; every step's logits, up to the last position of
+    the context, within the bound of float64's."""
+    context = forward.wpe.shape[0]
+    held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
+    script = Script([
+        Arrival("short", held[1], 40), Arrival("long", held[0][:200], 56),
+        Arrival("mid", held[3], 9), Arrival("tiny", held[2][:2], 5),
+        Arrival("late-long", held[5], context - len(held[5]), step=7),  # into a freed slot
+        Arrival("late-short", held[4], 30, step=12),
+    ], slots=4)
+    batch = SequenceBatch(forward, slots=4, max_len=context)
+    moved, move = [], batch.cache.move
+    batch.cache.move = lambda source, target, length: (moved.append(length), move(source, target, length))
+    results, spans = play(batch, script, keep_logits=True)
+    assert max(moved) > 128 and max(spans) == context  # a long cache moved; the whole context used
+    for arrival in script.arrivals:
+        seq = results[arrival.seq_id]
+        reference.check_greedy_run(tiny_model_dir, arrival.prompt, seq.tokens, torch.tensor(seq.logits), bound)
+
+
+def test_padding_rows_of_a_bucket_do_not_touch_the_real_rows(tiny_model_dir, forward, bound):
     """What a replayed graph does: rows past n decode a dummy token into free slots."""
-    forward = GPT2Forward(model, 0, 1, None)
-    batch = SequenceBatch(forward, slots=8, max_len=model.config.n_positions)
+    batch = SequenceBatch(forward, slots=8, max_len=forward.wpe.shape[0])
     batch.admit(["a", "b"], [[1, 2, 3], [4, 5, 6, 7, 8]])
     with torch.inference_mode():
         padded = forward.decode(batch.cache, torch.tensor([9, 9, 0, 0, 0]), torch.tensor([3, 5, 0, 0, 0]), 64)
         exact = forward.decode(batch.cache, torch.tensor([9, 9]), torch.tensor([3, 5]), 64)
     torch.testing.assert_close(padded[:2], exact)
-    torch.testing.assert_close(exact[0], hf_next_logits(model, [1, 2, 3, 9]), rtol=1e-4, atol=1e-4)
+    assert_close_to_exact(tiny_model_dir, [1, 2, 3, 9], exact[0], bound)
 
 
-def test_admit_refuses_what_the_cache_cannot_hold(model):
-    batch = SequenceBatch(GPT2Forward(model, 0, 1, None), slots=2, max_len=16)
+def test_admit_refuses_what_the_cache_cannot_hold(forward):
+    batch = SequenceBatch(forward, slots=2, max_len=16)
     with pytest.raises(ValueError, match="do not fit"):
         batch.admit(["a", "b", "c"], [[1], [2], [3]])
     with pytest.raises(ValueError, match="16"):

@@ -3,7 +3,7 @@
 import pytest
 
 from serve_tp.api.app import ConfigError, build_app, deployment_options
-from serve_tp.config import ServeTPConfig
+from serve_tp.config import ServeTPConfig, resolve_dtype
 from serve_tp.model.source import ModelSourceError, check_model_shardable, resolve_model_dir
 
 
@@ -41,6 +41,15 @@ def test_autoscaling_replaces_num_replicas():
 def test_dtype_defaults_follow_the_device():
     cfg = ServeTPConfig()
     assert (cfg.resolved_dtype("cuda"), cfg.resolved_dtype("cpu")) == ("float16", "float32")
+
+
+def test_one_dtype_rule_for_config_and_resolution():
+    """float16 on cpu is refused by the same rule whether the device is named or resolved."""
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16" and resolve_dtype("float16", "cuda") == "float16"
+    with pytest.raises(ValueError, match="float16 is not supported with device cpu"):
+        ServeTPConfig(dtype="float16").resolved_dtype("cpu")
+    with pytest.raises(ValueError, match="float16 is not supported with device cpu"):
+        ServeTPConfig(device="cpu", dtype="float16")
 
 
 def test_unreachable_hub_model_names_the_offline_option(monkeypatch, tmp_path):

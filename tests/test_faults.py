@@ -87,15 +87,15 @@ def deployment_message(app: str) -> str:
 
 
 def test_startup_error_names_the_numbers(serve_app):
-    """Heads (6) not divisible by TP (4): `serve status` says why, with both numbers."""
+    """More ranks (7) than heads (6): `serve status` says why, with both numbers."""
     from serve_tp.api.app import build_app
 
     with pytest.raises(RuntimeError):
-        serve.run(build_app({"model": serve_app.model_dir, "tensor_parallel_size": 4, "device": "cpu",
+        serve.run(build_app({"model": serve_app.model_dir, "tensor_parallel_size": 7, "device": "cpu",
                              "replica_cpus": 0.25, "cpus_per_rank": 0.25}), name="badtp", route_prefix="/badtp")
     message = deployment_message("badtp")
     serve.delete("badtp")
-    assert "attention heads (6) is not evenly divisible by tensor_parallel_size (4)" in message
+    assert "tensor_parallel_size (7) is larger than the number of attention heads (6)" in message
 
 
 def test_bad_model_path_fails_at_startup_with_its_name(serve_app, tmp_path):

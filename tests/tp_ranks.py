@@ -1,11 +1,20 @@
-"""Run the real TP path in `world_size` local processes (gloo or DeepSpeed shm on CPU), for the equivalence tests."""
+"""Run the real TP path in `world_size` local processes (on CPU: DeepSpeed shared memory or gloo; NCCL on GPUs).
+
+Every rank is started by serve_tp.engine.rank_setup.setup_rank, the function the serving
+rank actor uses, then plays the same `Script` on its SequenceBatch: sequences arrive at
+given steps (joining while others decode), decode greedily and leave when done (their
+slots refilled by moves), as the engine loop drives them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import time
 import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -13,47 +22,91 @@ import torch.multiprocessing as mp
 from serve_tp.engine.distributed import free_port
 
 
-def _greedy(batch, prompts: list[list[int]], steps: int):
-    """Greedy tokens and first-step logits for all prompts, decoded as one batch."""
-    logits, _ = batch.admit([str(i) for i in range(len(prompts))], prompts)
-    first_logits = logits.float().clone()
-    tokens = [[int(t)] for t in logits.argmax(-1)]
-    for _ in range(steps - 1):
-        logits = batch.decode([seq[-1] for seq in tokens])
-        for seq, t in zip(tokens, logits.argmax(-1)):
-            seq.append(int(t))
-    return tokens, first_logits
+@dataclass(frozen=True)
+class Arrival:
+    seq_id: str
+    prompt: tuple[int, ...]
+    max_new: int  # tokens to generate before leaving
+    step: int = 0  # the step at which it joins the batch
 
 
-def _rank_main(rank, world_size, port, model_dir, prompts, steps, results, device_type, dtype, cuda_graphs,
+@dataclass
+class Script:
+    arrivals: list[Arrival]
+    slots: int = 0  # 0: as many as arrivals
+
+    @classmethod
+    def together(cls, prompts, max_new: int) -> "Script":
+        return cls([Arrival(str(i), tuple(p), max_new) for i, p in enumerate(prompts)])
+
+
+@dataclass
+class SeqResult:
+    tokens: list[int] = field(default_factory=list)
+    logits: list = field(default_factory=list)  # float32 rows that chose each token (rank 0)
+
+
+def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult], list[int]]:
+    """Drive `batch` through `script` as the engine does: evict, admit, decode, each step.
+
+    Returns each sequence's result and the attention span of every decode step.
+    """
+    from serve_tp.engine.decode_runner import attention_span
+
+    results = {a.seq_id: SeqResult() for a in script.arrivals}
+    spans = []
+    wanted = {a.seq_id: a.max_new for a in script.arrivals}
+
+    def record(seq_ids, logits):
+        for seq_id, row in zip(seq_ids, logits):
+            results[seq_id].tokens.append(int(row.argmax()))
+            if keep_logits:
+                results[seq_id].logits.append(row.float().cpu().numpy())
+
+    waiting, step = sorted(script.arrivals, key=lambda a: a.step), 0
+    while waiting or len(batch):
+        done = [s for s in batch.seq_ids if len(results[s].tokens) >= wanted[s]]
+        batch.evict(done)
+        joining = [a for a in waiting if a.step <= step]
+        if joining:
+            waiting = waiting[len(joining):]
+            ids = [a.seq_id for a in joining]
+            record(ids, batch.admit(ids, [list(a.prompt) for a in joining]))
+            batch.evict([s for s in ids if len(results[s].tokens) >= wanted[s]])
+        if len(batch):
+            rows = list(batch.seq_ids)
+            spans.append(attention_span(max(batch.lengths) + 1, batch.cache.max_len))
+            record(rows, batch.decode([results[s].tokens[-1] for s in rows]))
+        step += 1
+    return results, spans
+
+
+def _rank_main(rank, world_size, port, model_dir, script, results, device_type, dtype, cuda_graphs,
                cpu_all_reduce):
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        from serve_tp.engine.batch import SequenceBatch
-        from serve_tp.engine.distributed import init_tp_comm
-        from serve_tp.model.forward import GPT2Forward
-        from serve_tp.model.loader import load_sharded_model
+        from serve_tp.engine.rank_setup import setup_rank
+        from serve_tp.messages import RankSettings
 
-        device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        comm = init_tp_comm(rank, world_size, "127.0.0.1", port, backend, 120, cuda_index=device.index or 0,
-                            cpu_all_reduce=cpu_all_reduce)
-        model = load_sharded_model(model_dir, dtype, device, rank, world_size, comm.all_reduce)
-        batch = SequenceBatch(GPT2Forward(model, rank, world_size, comm.all_reduce), len(prompts),
-                              model.config.n_positions, cuda_graphs=cuda_graphs)
-        batch.capture()
-        tokens, logits = _greedy(batch, prompts, steps)
-        results.put((rank, (tokens, logits.cpu().numpy(), comm.all_reduce_kind), None))
+        context = json.loads((Path(model_dir) / "config.json").read_text())["n_positions"]
+        settings = RankSettings(
+            model=model_dir, served_model_name="tp-test", device=device_type, dtype=dtype,
+            max_batch_size=script.slots or len(script.arrivals), context_length=context,
+            cuda_graphs=cuda_graphs, collective_timeout_s=120, cpu_all_reduce=cpu_all_reduce,
+        )
+        setup = setup_rank(rank, world_size, "127.0.0.1", port, settings,
+                           cuda_index=rank if device_type == "cuda" else 0)
+        out, spans = play(setup.batch, script, keep_logits=rank == 0)
+        results.put((rank, out, {**setup.info(), "spans": spans}, None))
     except Exception:
-        results.put((rank, None, traceback.format_exc()))
+        results.put((rank, None, None, traceback.format_exc()))
 
 
-def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int,
-           device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True, cpu_all_reduce: str = "auto"):
-    """{rank: (greedy tokens, first-step logits, all-reduce kind)}; every rank's failure is raised.
+def run_tp_script(model_dir: str, world_size: int, script: Script, device: str = "cpu",
+                  dtype: str = "float32", cuda_graphs: bool = True,
+                  cpu_all_reduce: str = "auto") -> dict[int, tuple[dict, dict]]:
+    """{rank: (results by seq_id, rank info)}; any rank's failure is raised.
 
     The ranks share this machine, so "auto" sums in shared memory where DeepSpeed can, as
     the app does."""
@@ -61,8 +114,9 @@ def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int
     results = ctx.Queue()
     port = free_port("127.0.0.1")
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, model_dir, prompts, steps, results, device, dtype, cuda_graphs,
-                                              cpu_all_reduce))
+        ctx.Process(target=_rank_main,
+                    args=(r, world_size, port, model_dir, script, results, device, dtype, cuda_graphs,
+                          cpu_all_reduce))
         for r in range(world_size)
     ]
     for p in procs:
@@ -71,7 +125,7 @@ def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int
     deadline = time.monotonic() + 300
     while len(got) < world_size:
         try:
-            rank, result, error = results.get(timeout=1)
+            rank, out, info, error = results.get(timeout=1)
         except queue.Empty:
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if dead or time.monotonic() > deadline:
@@ -80,8 +134,22 @@ def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int
                 raise RuntimeError(f"TP ranks died or timed out (exit codes {dead})")
             continue
         if error:
+            for p in procs:
+                p.kill()
             raise RuntimeError(f"rank {rank} failed:\n{error}")
-        got[rank] = result
+        got[rank] = (out, info)
     for p in procs:
         p.join(timeout=60)
     return got
+
+
+def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int,
+           device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True):
+    """Prompts decoded together for `steps` tokens: {rank: (tokens per prompt, first-step logits)}."""
+    got = run_tp_script(model_dir, world_size, Script.together(prompts, steps), device, dtype, cuda_graphs)
+    by_rank = {}
+    for rank, (out, _) in got.items():
+        seqs = [out[str(i)] for i in range(len(prompts))]
+        first = [s.logits[0] for s in seqs] if seqs[0].logits else None
+        by_rank[rank] = ([s.tokens for s in seqs], None if first is None else torch.tensor(first).numpy())
+    return by_rank

@@ -43,63 +43,39 @@ class InferenceWorker:
 
     def setup(self, address: str, port: int) -> dict:
         """Join the process group, load and shard the model, start the engine loop."""
-        import torch
+        import ray
 
-        from serve_tp.engine.batch import SequenceBatch
-        from serve_tp.engine.distributed import init_tp_comm
         from serve_tp.engine.loop import EngineLoop
+        from serve_tp.engine.rank_setup import setup_rank
         from serve_tp.engine.sampling import Sampler
-        from serve_tp.model.forward import GPT2Forward
-        from serve_tp.model.loader import load_sharded_model
         from serve_tp.metrics import EngineMetrics
-        from serve_tp.model.source import resolve_model_dir
 
-        started = time.monotonic()
         s = self.settings
-        device = torch.device("cuda", 0) if s.device == "cuda" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        model_dir = str(resolve_model_dir(s.model, s.hf_revision))
-        comm = init_tp_comm(self.rank, self.world_size, address, port, backend, s.collective_timeout_s,
-                            cpu_all_reduce=s.cpu_all_reduce, shm_timeout_s=s.stall_timeout_s)
-        model = load_sharded_model(model_dir, s.dtype, device, self.rank, self.world_size, comm.all_reduce)
-        max_context = s.context_length
-        batch = SequenceBatch(GPT2Forward(model, self.rank, self.world_size, comm.all_reduce),
-                              s.max_batch_size, max_context, cuda_graphs=s.cuda_graphs)
-        batch.capture()  # every rank captures the same graphs, in the same order
+        ready = setup_rank(self.rank, self.world_size, address, port, s)
+        config = ready.shard.config
         sampler = None
         if self.rank == 0:  # rank 0 alone samples, and sends the tokens with the next plan
-            sampler = Sampler(s.max_batch_size, model.config.vocab_size, device,
-                              eos_token_id=model.config.eos_token_id, max_logprobs=s.max_logprobs,
-                              context_length=max_context)
+            sampler = Sampler(s.max_batch_size, config.vocab_size, ready.device,
+                              eos_token_id=config.eos_token_id, max_logprobs=s.max_logprobs,
+                              context_length=s.context_length)
         self.engine = EngineLoop(
-            batch,
-            comm.broadcast_plan,
+            ready.batch,
+            ready.comm.broadcast_plan,
             self.rank,
-            eos_token_id=model.config.eos_token_id,
-            max_context=max_context,
+            eos_token_id=config.eos_token_id,
+            max_context=s.context_length,
             max_batch_size=s.max_batch_size,
             batch_wait_s=s.batch_wait_timeout_s,
             sampler=sampler,
             on_step=EngineMetrics(s.served_model_name).step if self.rank == 0 else None,
         )
         self.engine.start()
-        import ray
-
         self.info = {
-            "rank": self.rank,
+            **ready.info(),
             "node_ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
-            "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "backend": backend,
-            "all_reduce": comm.all_reduce_kind,
-            "dtype": s.dtype,
-            "kv_cache_mib": round(batch.cache.nbytes / 2**20, 1),
-            "cuda_graphs": batch.runner.graph_count,
-            "load_s": round(time.monotonic() - started, 2),
         }
         return self.info
 

@@ -4,42 +4,21 @@ Hugging Face's forward grows its KV cache by concatenation, rebuilds masks on th
 and costs hundreds of kernel launches per token. Here every sequence owns a fixed slot
 of one cache tensor, so a decode step has static shapes and can be captured as a CUDA
 graph (decode_runner.py). The maths is GPT-2's (transformers' GPT2Block); the weights are
-the ones `tp_gpt2.shard_gpt2` left in the module, and the row-parallel outputs are summed
-with the group's all-reduce.
+a `GPT2Shard` (shard.py), whose plan gives this rank's head count (ranks may differ by
+one head), and the row-parallel outputs are summed with the group's all-reduce.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 
 AllReduce = Callable[[torch.Tensor], None]
-
-
-class UnsupportedModelError(ValueError):
-    """A GPT-2 variant this forward does not implement."""
-
-
-@dataclass
-class _Linear:
-    weight: torch.Tensor  # Conv1D layout: [in, out]
-    bias: torch.Tensor
-
-
-@dataclass
-class _Block:
-    ln_1: nn.LayerNorm
-    c_attn: _Linear  # column-parallel: this rank's heads of Q | K | V
-    attn_proj: _Linear  # row-parallel
-    ln_2: nn.LayerNorm
-    c_fc: _Linear  # column-parallel
-    mlp_proj: _Linear  # row-parallel
-    scale: float
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,48 +30,44 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-class GPT2Forward:
-    """Prefill and decode of a (sharded) GPT2LMHeadModel into slots of a `KVCache`."""
+def attention_scales(config, num_layers: int, head_dim: int) -> list[float]:
+    """Each layer's softmax scale, as GPT2Attention computes it."""
+    scales = []
+    for index in range(num_layers):
+        scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= index + 1
+        scales.append(scale)
+    return scales
 
-    def __init__(self, model: nn.Module, rank: int, world_size: int, all_reduce: Optional[AllReduce]):
-        config = model.config
-        for flag in ("reorder_and_upcast_attn", "add_cross_attention"):
-            if getattr(config, flag, False):
-                raise UnsupportedModelError(f"GPT-2 configs with {flag}=True are not supported")
-        transformer = model.transformer
-        first_attn = transformer.h[0].attn
-        self.num_heads = first_attn.num_heads  # this rank's heads
-        self.head_dim = first_attn.head_dim
-        self.num_layers = len(transformer.h)
-        self.world_size = world_size
-        self.rank = rank
+
+class GPT2Forward:
+    """Prefill and decode of one rank's GPT-2 shard into slots of a `KVCache`."""
+
+    def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None):
+        plan = shard.plan
+        if plan.world_size > 1 and all_reduce is None:
+            raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
+        self.shard = shard
+        self.num_heads = plan.heads  # this rank's heads
+        self.head_dim = plan.head_dim
+        self.num_layers = len(shard.blocks)
+        self.world_size = plan.world_size
+        self.rank = plan.rank
         self.all_reduce = all_reduce
-        self.wte = transformer.wte.weight
-        self.wpe = transformer.wpe.weight
-        self.ln_f = transformer.ln_f
-        self.lm_head = model.lm_head.weight
-        self.act = _activation(config.activation_function)
-        self.device, self.dtype = self.wte.device, self.wte.dtype
-        self.blocks = []
-        for index, block in enumerate(transformer.h):
-            scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
-            if config.scale_attn_by_inverse_layer_idx:
-                scale /= index + 1
-            self.blocks.append(_Block(
-                ln_1=block.ln_1,
-                c_attn=_Linear(block.attn.c_attn.weight, block.attn.c_attn.bias),
-                attn_proj=_Linear(block.attn.c_proj.weight, block.attn.c_proj.bias),
-                ln_2=block.ln_2,
-                c_fc=_Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias),
-                mlp_proj=_Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias),
-                scale=scale,
-            ))
+        self.wte, self.wpe = shard.wte, shard.wpe
+        self.ln_f = shard.ln_f
+        self.lm_head = shard.vocab_projection
+        self.act = _activation(shard.config.activation_function)
+        self.device, self.dtype = shard.device, shard.dtype
+        self.blocks: list[BlockShard] = list(shard.blocks)
+        self.scales = attention_scales(shard.config, self.num_layers, self.head_dim)
 
     def new_cache(self, slots: int, max_len: int) -> "KVCache":
         return KVCache(self.num_layers, slots, self.num_heads, max_len, self.head_dim, self.dtype, self.device)
 
     # ---- pieces shared by prefill and decode ----
-    def _row_parallel(self, x: torch.Tensor, linear: _Linear) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: Conv1DWeights) -> torch.Tensor:
         """x @ W summed over the ranks. Rank 0 adds the bias inside its GEMM, so the sum
         holds it exactly once without a separate kernel."""
         if self.rank == 0:
@@ -103,11 +78,11 @@ class GPT2Forward:
             self.all_reduce(out)
         return out
 
-    def _mlp(self, block: _Block, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
         x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
         return h + self._row_parallel(x, block.mlp_proj)
 
-    def _qkv(self, block: _Block, h: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
         """[tokens, E] -> [tokens, 3, heads, head_dim]."""
         qkv = torch.addmm(block.c_attn.bias, block.ln_1(h), block.c_attn.weight)
         return qkv.view(h.shape[0], 3, self.num_heads, self.head_dim)
@@ -134,12 +109,12 @@ class GPT2Forward:
         positions = torch.arange(length, device=self.device)
         h = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(n * length, -1)
         slots = slice(first_slot, first_slot + n)
-        for layer, block in enumerate(self.blocks):
+        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales)):
             q, k, v = self._qkv(block, h).view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, T, D]
             cache.kv[layer, slots, 0, :, :length] = k
             cache.kv[layer, slots, 1, :, :length] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             attn = attn.transpose(1, 2).reshape(n * length, self.num_heads * self.head_dim)
             h = h + self._row_parallel(attn, block.attn_proj)
             h = self._mlp(block, h)
@@ -163,13 +138,13 @@ class GPT2Forward:
         mask = torch.zeros((batch, 1, 1, span), dtype=self.dtype, device=self.device)
         mask.masked_fill_(hidden.view(batch, 1, 1, span), float("-inf"))
         h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
-        for layer, block in enumerate(self.blocks):
+        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales)):
             qkv = self._qkv(block, h)  # [B, 3, heads, D]
             kv = cache.kv[layer]
             kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
             attn = F.scaled_dot_product_attention(
                 qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span],
-                attn_mask=mask, scale=block.scale,
+                attn_mask=mask, scale=scale,
             )
             h = h + self._row_parallel(attn.reshape(batch, -1), block.attn_proj)
             h = self._mlp(block, h)

@@ -1,103 +1,73 @@
-"""Turn a loaded GPT-2 into one rank's tensor-parallel shard, in place.
+"""Load one rank's shard of GPT-2: read the checkpoint, cut the shard, cast and place it.
 
 DeepSpeed 0.19.8 cannot shard GPT-2 itself (AutoTP refuses it; its injection-policy path
-splits Conv1D along the wrong dimension and ignores the fused Q|K|V layout), so the
-split is ours (see sharding.py); the all-reduce is DeepSpeed's comm, passed in.
+splits Conv1D along the wrong dimension and ignores the fused Q|K|V layout), so the split
+is ours (sharding.py, shard.py) and DeepSpeed is given the shard as a model of tp_size 1.
+
+What `deepspeed.init_inference` does for us, read from deepspeed/inference/engine.py
+(0.19.8) and checked by tests/test_loader.py, with tp_size 1, no kernel injection and no
+injection policy:
+  * refuses a dtype its accelerator does not list (its CPU accelerator lists float32 and
+    bfloat16 only: float16 on CPU fails here, the reason config.py refuses it early);
+  * casts every weight of the shard to `dtype` (module.half() / .bfloat16() / .float());
+    transformers reads GPT-2 checkpoints in float32, so this is the cast to the serving dtype;
+  * moves the shard to its accelerator's current device (`cuda:<torch.cuda.current_device()>`,
+    set by rank_setup, or `cpu`). A CPU rank on a machine whose DeepSpeed accelerator is
+    CUDA asks it to keep the shard on the host (keep_module_on_host) instead.
+It creates no process group, broadcasts nothing and replaces no module (those steps need
+tp_size > 1 or injection), so ranks with different shard shapes never meet in a collective
+here. Its engine's `.module` is the shard object itself; we never call the engine:
+GPT2Forward reads the shard's tensors. Cost measured on CPU: 0.1-0.2 s for the 82 M
+parameters of a GPT-2-small shard at TP 2.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from serve_tp.model import sharding
+from serve_tp.model.shard import GPT2Shard, shard_gpt2
+from serve_tp.model.source import check_model_shardable, read_model_config
 
-AllReduce = Callable[[torch.Tensor], None]
-
-
-class RowParallelConv1D(nn.Module):
-    """Conv1D over a slice of input rows; partial sums all-reduced, then the bias once."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, all_reduce: AllReduce):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = nn.Parameter(bias, requires_grad=False)
-        self.nf = weight.shape[1]
-        self._all_reduce = all_reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
-        out = torch.mm(x.reshape(-1, x.size(-1)), self.weight)
-        self._all_reduce(out)
-        return (out + self.bias).view(size_out)
+logger = logging.getLogger(__name__)
 
 
-def _set_conv(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    conv.weight = nn.Parameter(weight, requires_grad=False)
-    conv.bias = nn.Parameter(bias, requires_grad=False)
-    conv.nf = weight.shape[1]
-
-
-def shard_gpt2(model: nn.Module, world_size: int, rank: int, all_reduce: AllReduce) -> nn.Module:
-    """Shard every GPT2Block of `model` for `rank`; embeddings and lm_head stay whole.
-
-    Keeping the vocabulary projection replicated means every rank computes the same
-    logits, so no gather is needed before sampling.
-    """
-    config = model.config
-    inner_dim = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
-    sharding.check_gpt2_shardable(config.num_attention_heads, inner_dim, world_size)
-    if world_size == 1:
-        return model
-    for block in model.transformer.h:
-        attn, mlp = block.attn, block.mlp
-        if getattr(attn, "is_cross_attention", False):
-            raise sharding.ShardingError("cross-attention GPT-2 blocks are not supported")
-        w, b = sharding.shard_qkv(
-            attn.c_attn.weight.data, attn.c_attn.bias.data, attn.num_heads, world_size, rank
-        )
-        _set_conv(attn.c_attn, w, b)
-        attn.num_heads //= world_size
-        attn.split_size //= world_size
-        attn.embed_dim //= world_size  # the SDPA path reshapes its output with it
-        attn.c_proj = RowParallelConv1D(
-            sharding.shard_rows(attn.c_proj.weight.data, world_size, rank),
-            attn.c_proj.bias.data.clone(),
-            all_reduce,
-        )
-        w, b = sharding.shard_columns(mlp.c_fc.weight.data, mlp.c_fc.bias.data, world_size, rank)
-        _set_conv(mlp.c_fc, w, b)
-        mlp.c_proj = RowParallelConv1D(
-            sharding.shard_rows(mlp.c_proj.weight.data, world_size, rank),
-            mlp.c_proj.bias.data.clone(),
-            all_reduce,
-        )
-    return model
-
-
-def load_sharded_model(model_dir: str, dtype_name: str, device, rank: int, world_size: int, all_reduce):
-    """Load GPT-2 on CPU, keep this rank's shard, hand it to deepspeed.init_inference."""
+def place_shard(shard: GPT2Shard, dtype: torch.dtype, device: torch.device) -> GPT2Shard:
+    """Cast and place the shard with deepspeed.init_inference; verify where it landed."""
     import deepspeed
-    import torch
-    from transformers import AutoConfig, GPT2LMHeadModel
+    from deepspeed.accelerator import get_accelerator
 
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "gpt2":
-        raise ValueError(
-            f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'); "
-            f"{model_dir} is '{config.model_type}'"
-        )
-    dtype = getattr(torch, dtype_name)
-    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    shard_gpt2(model, world_size, rank, all_reduce)
-    # Our shard is already split, so DeepSpeed sees tp_size 1: its AutoTP would refuse GPT-2
-    # and its injection-policy path mis-splits Conv1D. It still places and casts the module.
+    on_host = device.type == "cpu" and get_accelerator().device_name() != "cpu"
     engine = deepspeed.init_inference(
-        model, dtype=dtype, replace_with_kernel_inject=False, tensor_parallel={"tp_size": 1}
+        shard, dtype=dtype, replace_with_kernel_inject=False, tensor_parallel={"tp_size": 1},
+        keep_module_on_host=on_host,
     )
-    module = engine.module
-    module.to(device)
-    return module
+    shard = engine.module
+    wrong = {(name, str(t.device), t.dtype) for name, t in shard.named_parameters()
+             if t.dtype != dtype or t.device.type != device.type
+             or (device.index is not None and t.device.index != device.index)}
+    if wrong:  # DeepSpeed's accelerator disagrees with the device we were given
+        raise RuntimeError(f"deepspeed.init_inference left weights off {device}/{dtype}: {sorted(wrong)[:3]}")
+    return shard
+
+
+def load_shard(model_dir: str, dtype_name: str, device: torch.device, rank: int, world_size: int) -> GPT2Shard:
+    """This rank's shard of the GPT-2 in `model_dir`, in `dtype_name`, on `device`.
+
+    The whole checkpoint is read on the host, the shard cut from it, and only the shard
+    goes to the device.
+    """
+    from transformers import GPT2LMHeadModel
+
+    started = time.monotonic()
+    check_model_shardable(read_model_config(Path(model_dir)), world_size)  # before reading weights
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    shard = shard_gpt2(model, world_size, rank)  # runs source.check_model_shardable
+    del model
+    shard = place_shard(shard, getattr(torch, dtype_name), device)
+    logger.info("rank %d/%d: %d of %d heads, %s on %s, loaded in %.1fs", rank, world_size, shard.plan.heads,
+                shard.plan.num_heads, dtype_name, device, time.monotonic() - started)
+    return shard

@@ -61,15 +61,23 @@ def context_length(model_config: dict, max_model_len: Optional[int] = None) -> i
     raise ModelSourceError("model config names no context length (n_positions)")
 
 
+UNSUPPORTED_FLAGS = ("reorder_and_upcast_attn", "add_cross_attention")
+
+
 def check_model_shardable(model_config: dict, tensor_parallel_size: int) -> None:
-    """Fail at startup, with both numbers, before any rank loads weights."""
-    from serve_tp.model.sharding import check_gpt2_shardable
+    """The one check that a model can be served on this many ranks, with the numbers.
+
+    The replica runs it at startup, before any rank loads weights; every rank's loader
+    runs it again on the same config.json, so no second rule can drift from this one.
+    """
+    from serve_tp.model.sharding import ShardPlan
 
     if model_config.get("model_type") != "gpt2":
         raise ModelSourceError(
             f"serve_tp's tensor-parallel path supports GPT-2 models (model_type 'gpt2'), "
             f"got '{model_config.get('model_type')}'"
         )
-    embed = int(model_config["n_embd"])
-    inner = model_config.get("n_inner") or 4 * embed
-    check_gpt2_shardable(int(model_config["n_head"]), int(inner), tensor_parallel_size)
+    for flag in UNSUPPORTED_FLAGS:  # variants our forward does not implement
+        if model_config.get(flag):
+            raise ModelSourceError(f"GPT-2 configs with {flag}=true are not supported")
+    ShardPlan.for_gpt2(model_config, tensor_parallel_size, rank=0)  # raises ShardingError with both numbers

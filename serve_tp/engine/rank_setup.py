@@ -1,0 +1,92 @@
+"""Everything one rank does before it can decode: device, group, shard, forward, batch.
+
+The Ray rank actor (worker.py), the gloo/NCCL test ranks (tests/tp_ranks.py), the GPU
+scripts and the tutorial baseline all start a rank this one way, so what they measure
+or check is the path that serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from serve_tp.engine.batch import SequenceBatch
+from serve_tp.engine.distributed import TPComm, init_tp_comm
+from serve_tp.messages import RankSettings
+from serve_tp.model.forward import GPT2Forward
+from serve_tp.model.loader import load_shard
+from serve_tp.model.shard import GPT2Shard
+from serve_tp.model.source import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RankSetup:
+    """A ready rank: its group, its shard of the model, and the batch that decodes with it."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    model_dir: str
+    comm: TPComm
+    shard: GPT2Shard
+    forward: GPT2Forward
+    batch: SequenceBatch
+    load_s: float
+
+    @property
+    def eos_token_id(self):
+        return self.shard.config.eos_token_id
+
+    def info(self) -> dict:
+        """What the rank reports about itself (health, startup log)."""
+        return {
+            "rank": self.rank,
+            "device": str(self.device),
+            "backend": self.backend,
+            "all_reduce": self.comm.all_reduce_kind,
+            "dtype": str(self.shard.dtype).removeprefix("torch."),
+            "heads": self.shard.plan.heads,
+            "kv_cache_mib": round(self.batch.cache.nbytes / 2**20, 1),
+            "cuda_graphs": self.batch.runner.graph_count,
+            "load_s": round(self.load_s, 2),
+        }
+
+
+def rank_device(settings: RankSettings, cuda_index: int = 0) -> torch.device:
+    """The rank's device, made current (DeepSpeed places the shard on the current one)."""
+    if settings.device != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", cuda_index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def setup_rank(rank: int, world_size: int, address: str, port: int, settings: RankSettings,
+               cuda_index: int = 0) -> RankSetup:
+    """Join the group at address:port, load and place this rank's shard, build its batch.
+
+    Blocks until every rank has joined. `cuda_index` is the rank's GPU among the visible
+    ones: 0 in a Ray actor (its CUDA_VISIBLE_DEVICES holds one GPU), the rank's own index
+    when one process tree drives every GPU. Decode graphs are captured last, and every rank
+    captures the same ones in the same order, so NCCL calls inside them pair up.
+    """
+    started = time.monotonic()
+    device = rank_device(settings, cuda_index)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    model_dir = str(resolve_model_dir(settings.model, settings.hf_revision))
+    comm = init_tp_comm(rank, world_size, address, port, backend, settings.collective_timeout_s, cuda_index,
+                        cpu_all_reduce=settings.cpu_all_reduce, shm_timeout_s=settings.stall_timeout_s)
+    shard = load_shard(model_dir, settings.dtype, device, rank, world_size)
+    forward = GPT2Forward(shard, comm.all_reduce)
+    batch = SequenceBatch(forward, settings.max_batch_size, settings.context_length, cuda_graphs=settings.cuda_graphs)
+    batch.capture()
+    setup = RankSetup(rank, world_size, device, backend, model_dir, comm, shard, forward, batch,
+                      time.monotonic() - started)
+    logger.info("rank %d/%d ready: %s", rank, world_size, setup.info())
+    return setup
