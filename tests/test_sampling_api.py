@@ -196,17 +196,33 @@ def test_logit_bias_forces_and_bans_tokens(serve_app, tokenizer, hf):
 
 
 def test_min_tokens_delays_eos(serve_app, tokenizer, hf):
-    prompt = "café"
-    prompt_ids = tokenizer.encode(prompt).ids
-    plain, _ = reference_greedy(hf, prompt_ids, 12)
-    assert plain[-1] == 0 and len(plain) < 8, "greedy ends early with EOS here"
-    res = post(serve_app, {"prompt": prompt, "max_tokens": 12, "temperature": 0})
-    assert res["choices"][0]["finish_reason"] == "stop" and res["usage"]["completion_tokens"] == len(plain)
-    expected, margin = reference_greedy(hf, prompt_ids, 12, min_tokens=8)
-    assert margin > 1e-3 and len(expected) >= 8
-    res = post(serve_app, {"prompt": prompt, "max_tokens": 12, "temperature": 0, "min_tokens": 8})
+    """A +100 bias makes EOS the greedy choice at once; min_tokens holds it off until then.
+    (The trained test model seldom picks EOS by itself, so the bias makes the case certain.)"""
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    forced = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logit_bias": {str(eos): 100}}
+    res = post(serve_app, forced)
+    assert res["choices"][0]["finish_reason"] == "stop" and res["usage"]["completion_tokens"] == 1
+    expected, margin = reference_greedy(hf, prompt_ids, 12, eos=eos, bias={eos: 100}, min_tokens=5)
+    assert margin > 1e-3 and len(expected) == 6 and expected[-1] == eos
+    res = post(serve_app, {**forced, "min_tokens": 5})
+    assert res["choices"][0]["finish_reason"] == "stop"
     assert res["usage"]["completion_tokens"] == len(expected)
-    assert res["choices"][0]["text"] == tokenizer.decode(expected)
+    assert res["choices"][0]["text"] == tokenizer.decode(expected[:-1])
+
+
+def test_min_tokens_delays_stop_token_ids(serve_app, tokenizer, hf):
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    plain, _ = reference_greedy(hf, prompt_ids, 12, eos=-1)
+    k = next(i for i in range(1, len(plain)) if plain[i] not in plain[:i])
+    stop = plain[k]
+    expected, margin = reference_greedy(hf, prompt_ids, 12, eos=-1, min_tokens=k + 3, stop_ids=(stop,))
+    assert margin > 1e-3 and len(expected) > k + 1
+    res = post(serve_app, {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                           "stop_token_ids": [stop], "min_tokens": k + 3})
+    assert res["usage"]["completion_tokens"] == len(expected)
+    shown = expected[:-1] if expected[-1] == stop else expected
+    assert res["choices"][0]["text"] == tokenizer.decode(shown)
 
 
 def test_stop_token_ids_stop_and_leave_their_text_out(serve_app, tokenizer, hf):

@@ -93,8 +93,10 @@ def deployment_options(config: ServeTPConfig, device: str) -> dict:
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_config(args)
     device = resolve_device(config)
-    if device == "cpu" and config.dtype == "float16":
-        raise ConfigError("dtype float16 is not supported on cpu (device resolved from 'auto'): use float32")
+    try:
+        config.resolved_dtype(device)  # the one dtype rule, now that 'auto' has a device
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (device resolved from '{config.device}')") from None
     options = deployment_options(config, device)
     if not config.wait_for_resources:
         try:
