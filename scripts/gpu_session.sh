@@ -69,7 +69,7 @@ B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --dev
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
-  timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp,hf $SERVE \
+  timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
      --concurrency ${LEVELS:-1,32,128} --requests-per-client ${RPC:-4} --out "$R" --out-name fixed_serve_tp_hf 2>&1 \
      | grep -v "$QUIET" | tail -30
 fi
@@ -81,7 +81,7 @@ if ! skip SKIP_TUTORIAL; then
 fi
 if ! skip SKIP_REALISTIC; then
   echo "== benchmark, realistic: prompts 16-900, outputs 16-256 tokens, half greedy, Poisson arrivals; HF as the floor"
-  timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets serve_tp,hf $SERVE --concurrency 32 \
+  timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets ${REALISTIC_TARGETS:-serve_tp,hf} $SERVE --concurrency 32 \
      --requests-per-client 4 --request-rate ${RATES:-8,32,96} --rate-duration-s ${RATE_S:-15} \
      --out "$R" --out-name realistic_serve_tp 2>&1 | grep -v "$QUIET" | tail -30
 fi

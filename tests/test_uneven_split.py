@@ -47,7 +47,7 @@ def run_threads(model, world_size: int, steps: int = 4):
             shard = shard_gpt2(model, world_size, rank).double()
             batch = SequenceBatch(GPT2Forward(shard, group.all_reduce_for(rank)), len(PROMPTS),
                                   model.config.n_positions)
-            logits = [batch.admit([str(i) for i in range(len(PROMPTS))], PROMPTS)]
+            logits = [batch.admit([str(i) for i in range(len(PROMPTS))], PROMPTS)[0]]
             for _ in range(steps):
                 logits.append(batch.decode(logits[-1].argmax(-1).tolist()))
             out[rank] = (batch.cache.kv.shape[3], torch.stack(logits))

@@ -71,7 +71,7 @@ def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult]
         if joining:
             waiting = waiting[len(joining):]
             ids = [a.seq_id for a in joining]
-            record(ids, batch.admit(ids, [list(a.prompt) for a in joining]))
+            record(ids, batch.admit(ids, [list(a.prompt) for a in joining])[0])
             batch.evict([s for s in ids if len(results[s].tokens) >= wanted[s]])
         if len(batch):
             rows = list(batch.seq_ids)

@@ -99,10 +99,10 @@ class Sampler:
     The engine calls `admit` when a sequence takes a slot, `move` for every compaction
     move the batch makes, and `sample` once per step with the logits of slots 0..n-1.
 
-    `avoid_host_sync` (default: on CUDA) finds every top-p cut by radix select, so a step
-    never waits for the device; off, a cut that ends among a row's 64 best tokens is read
-    from them, and only the rows where it does not (one small device-to-host read) pay
-    for the radix select, which is cheaper where the host and the device are one.
+    `avoid_host_sync` (default: on CUDA) finds every top-p cut from one batched sort, so a
+    step never waits for the device; off, a cut that ends among a row's 64 best tokens is
+    read from them, and only the rows where it does not (one small device-to-host read) pay
+    for a radix select, which is cheaper than sorting where the host and the device are one.
     """
 
     def __init__(self, slots: int, vocab_size: int, device, eos_token_id: Optional[int],
@@ -216,7 +216,11 @@ class Sampler:
         """Per row, the lowest logit the top-p nucleus keeps (-inf for rows without top-p)."""
         wanted = self.state.nucleus_rows(n)
         if self.avoid_host_sync:
-            threshold = radix_nucleus_threshold(scaled, kept, target)
+            # One batched sort of the rows: a few fused kernels on a GPU, where the radix
+            # select's three scatter-add histograms serialise on their atomics (measured:
+            # ~1.6 ms a step at batch 1 on H200, top_p 0.95).
+            values, order = torch.sort(scaled, dim=-1, descending=True)
+            threshold, _ = nucleus_threshold(values, kept.gather(1, order), target, complete=True)
         else:
             values, ids = candidates
             threshold, exact = nucleus_threshold(values, kept.gather(1, ids), target,
