@@ -30,6 +30,9 @@ class RankSettings:
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20
+    # The tokenizer's size, when the checkpoint's embedding has more rows (nanoGPT pads GPT-2's
+    # 50257 to 50304): ids at or past it have no text, so rank 0 never samples them.
+    sampleable_vocab: Optional[int] = None
     # How CPU ranks sum (ignored on cuda). The replica sends "auto" or "shm" only when its
     # placement group put every rank on one node: shared memory cannot reach another node.
     cpu_all_reduce: Literal["auto", "shm", "gloo"] = "gloo"

@@ -44,7 +44,8 @@ def _coalesce(item, queue: asyncio.Queue):
 class TPGroup:
     """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
 
-    def __init__(self, config: ServeTPConfig, device: str, context_length: int):
+    def __init__(self, config: ServeTPConfig, device: str, context_length: int,
+                 sampleable_vocab: Optional[int] = None):
         from serve_tp.engine.worker import InferenceWorker
 
         self.config = config
@@ -66,6 +67,7 @@ class TPGroup:
             collective_timeout_s=config.startup_timeout_s,
             stall_timeout_s=config.stall_timeout_s,
             max_logprobs=config.max_logprobs,
+            sampleable_vocab=sampleable_vocab,
             cpu_all_reduce=resolve_cpu_all_reduce(config, device, bundle_nodes),
         )
         resources = rank_resources(config, device)

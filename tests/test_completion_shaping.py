@@ -211,11 +211,23 @@ def test_partial_characters_are_named_by_their_bytes_and_held_together(config, t
     generated = tokenizer.encode("日本語 ok").ids
     service = service_for(config, tokenizer, outputs_for(generated))
     chunks = stream(service, {"prompt": "a", "max_tokens": len(generated), "logprobs": 0})
-    first = chunks[0]["choices"][0]
-    assert first["text"] == "日本語"  # the four byte-straddling tokens go out with their characters
-    assert first["logprobs"]["tokens"] == ["bytes:\\xe6\\x97", "bytes:\\xa5\\xe6", "bytes:\\x9c\\xac\\xe8",
-                                           "bytes:\\xaa\\x9e"]
-    assert first["logprobs"]["text_offset"] == [0, 0, 1, 2]  # the character each token's first byte is in
+    text, lp = joined(chunks)
+    assert text == "日本語 ok" and all("\ufffd" not in c["choices"][0]["text"] for c in chunks)
+    # A token holding part of a character is named by its bytes; in order, the bytes of the
+    # tokens before " ok" spell the three characters, and each offset is the character its
+    # first byte falls in.
+    names = lp["tokens"]
+    cjk = [n for n in names if n.startswith("bytes:")]
+    assert cjk, "the tokenizer splits these characters' bytes across tokens"
+    spelled = b"".join(bytes.fromhex(n[len("bytes:"):].replace("\\x", "")) if n.startswith("bytes:")
+                       else n.encode() for n in names[:len(names) - len(tokenizer.encode(" ok").ids)])
+    assert spelled == "日本語".encode()
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and max(lp["text_offset"]) < len(text)
+
+
+def token_starts(tokenizer, ids):
+    """Character offset at which each token's text begins in the decoded whole (ASCII text)."""
+    return [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
 
 
 def test_stop_string_drops_the_logprobs_of_cut_tokens(config, tokenizer):
@@ -224,9 +236,11 @@ def test_stop_string_drops_the_logprobs_of_cut_tokens(config, tokenizer):
     body = {"prompt": "The", "max_tokens": len(generated), "logprobs": 1, "stop": ["own f"]}
     choice = complete(service, body)["choices"][0]
     assert choice["text"] == " quick br" and choice["finish_reason"] == "stop"
-    # Kept: every token with text before the cut, "ro" too, which straddles it; gone: "wn" onwards.
-    assert choice["logprobs"]["tokens"] == [" qu", "ick", " b", "ro"]
-    assert choice["logprobs"]["text_offset"] == [0, 3, 6, 8]
+    # Kept: every token whose text begins before the cut (one straddling it too); gone: the rest.
+    starts = token_starts(tokenizer, generated)
+    kept = [i for i, start in enumerate(starts) if start < len(" quick br")]
+    assert choice["logprobs"]["tokens"] == [tokenizer.decode([generated[i]]) for i in kept]
+    assert choice["logprobs"]["text_offset"] == [starts[i] for i in kept]
     text, lp = joined(stream(service, body))
     assert (text, lp) == (choice["text"], choice["logprobs"])
 
@@ -241,18 +255,19 @@ def test_stop_strings_wait_for_min_tokens(config, tokenizer):
 
 
 def test_stop_token_id_ends_without_its_text_but_with_its_logprob(config, tokenizer):
-    generated = tokenizer.encode(" quick brown").ids  # " qu", "ick", " b", "rown"...
-    stop_id = generated[2]
-    service = service_for(config, tokenizer, outputs_for(generated[:3], finish="stop"))
+    generated = tokenizer.encode(" quick brown").ids
+    n = len(tokenizer.encode(" quick").ids)  # generated[n] begins " brown"
+    stop_id = generated[n]
+    service = service_for(config, tokenizer, outputs_for(generated[:n + 1], finish="stop"))
     body = {"prompt": "The", "max_tokens": 8, "logprobs": 0, "stop_token_ids": [stop_id]}
     choice = complete(service, body)["choices"][0]
     assert choice["text"] == " quick" and choice["finish_reason"] == "stop"
-    assert choice["logprobs"]["tokens"] == [" qu", "ick", " b"]
-    assert choice["logprobs"]["text_offset"] == [0, 3, 6]
+    assert choice["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in generated[:n + 1]]
+    assert choice["logprobs"]["text_offset"] == token_starts(tokenizer, generated[:n + 1])
     assert service.group.requests[0].params.stop_token_ids == (stop_id,)
     # The same token ending by length (min_tokens, or a token that is no stop id) keeps its text.
-    service = service_for(config, tokenizer, outputs_for(generated[:3], finish="length"))
-    assert complete(service, body)["choices"][0]["text"] == " quick b"
+    service = service_for(config, tokenizer, outputs_for(generated[:n + 1], finish="length"))
+    assert complete(service, body)["choices"][0]["text"] == tokenizer.decode(generated[:n + 1])
 
 
 def test_sequence_failure_is_500_for_that_request_not_503(config, tokenizer):

@@ -56,12 +56,15 @@ def test_stop_prefix_is_held_until_it_is_decided():
 def test_sequence_text_applies_vllms_stop_rules(tokenizer):
     from serve_tp.api.detokenize import SequenceText
 
-    ids = tokenizer.encode(" quick brown fox quick").ids  # " qu", "ick", " b", "ro", "wn", ...
+    ids = tokenizer.encode(" quick brown fox quick").ids  # e.g. " ", "qu", "i", "ck", " b", "row", ...
     text = SequenceText(tokenizer, ["quick"], min_tokens=2)
     pieces = [text.push([i]) for i in ids[:-1]] + [text.push(ids[-1:], finish="length")]
     # " quick" lies within the first 2 tokens, so it does not stop; the second one does.
     assert "".join(pieces) == " quick brown fox " and text.stopped
     assert (text.produced, text.emitted) == (len(ids), len(" quick brown fox "))
-    ended = SequenceText(tokenizer, [], stop_token_ids=[ids[2]])
-    assert ended.push(ids[:3], finish="stop") == " quick"  # the stop token's text is left out
-    assert SequenceText(tokenizer, [], stop_token_ids=[ids[2]]).push(ids[:3], finish="length") == " quick b"
+    n = len(tokenizer.encode(" quick").ids)  # the tokens of " quick"; ids[n] begins " brown"
+    assert tokenizer.decode(ids[:n]) == " quick"
+    ended = SequenceText(tokenizer, [], stop_token_ids=[ids[n]])
+    assert ended.push(ids[:n + 1], finish="stop") == " quick"  # the stop token's text is left out
+    with_it = SequenceText(tokenizer, [], stop_token_ids=[ids[n]]).push(ids[:n + 1], finish="length")
+    assert with_it == tokenizer.decode(ids[:n + 1]) != " quick"

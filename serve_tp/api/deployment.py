@@ -119,7 +119,8 @@ class InferenceDeployment:
         model_config = read_model_config(Path(model_dir))
         check_model_shardable(model_config, self.config.tensor_parallel_size)
         self.context_length = context_length(model_config, self.config.max_model_len)
-        self.group = TPGroup(self.config, device, self.context_length)
+        self.group = TPGroup(self.config, device, self.context_length,
+                             sampleable_vocab=self.tokenizer.get_vocab_size(with_added_tokens=True))
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
         self.admission = Admission(self.config.max_ongoing_requests, self.config.max_queued_requests,
                                    self.config.overload_status_code, self.config.overload_retry_after_s)

@@ -106,13 +106,16 @@ class Sampler:
     """
 
     def __init__(self, slots: int, vocab_size: int, device, eos_token_id: Optional[int],
-                 max_logprobs: int, context_length: int, avoid_host_sync: Optional[bool] = None):
+                 max_logprobs: int, context_length: int, avoid_host_sync: Optional[bool] = None,
+                 sampleable_vocab: Optional[int] = None):
         device = torch.device(device)
         self.state = SlotState(slots, vocab_size, device, context_length)
         self.slots, self.vocab_size = slots, vocab_size
         self.eos_token_id = eos_token_id
         self.max_logprobs = max_logprobs
         self.avoid_host_sync = device.type == "cuda" if avoid_host_sync is None else avoid_host_sync
+        # Ids past the tokenizer (a padded embedding) are masked out of every draw, greedy included.
+        self.sampleable = sampleable_vocab if sampleable_vocab and sampleable_vocab < vocab_size else None
 
     # admit and move run in inference mode too: state made in it cannot change outside it.
     @torch.inference_mode()
@@ -144,6 +147,9 @@ class Sampler:
             return SampleResult(torch.empty(0, dtype=torch.int64, device=logits.device))
         host = self.state.host[:n]
         raw = logits.float()
+        if self.sampleable is not None:
+            raw = raw.clone() if raw is logits else raw
+            raw[:, self.sampleable:] = NEG_INF
         processed = self.state.process(raw, n)
         greedy = host["greedy"]
         top = processed.argmax(dim=-1) if greedy.any() else None
