@@ -119,7 +119,7 @@ class CompletionService:
         request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), job.params)
         async for item in self._timed(self.group.generate(request)):
             if item.error:
-                raise APIError(503, f"the model group failed while generating: {item['error']}",
+                raise APIError(503, f"the model group failed while generating: {item.error}",
                                code="engine_failure", headers={"Retry-After": "5"})
             produced += len(item.token_ids)
             finish = item.finish_reason
