@@ -174,11 +174,11 @@ def test_plan_returns_sound_jobs_or_a_4xx(service, body):
     assert sorted(j.index for j in jobs) == list(range(len(jobs)))
     for job in jobs:
         p = job.params
-        assert job.prompt_ids and len(job.prompt_ids) + p["max_tokens"] <= service.context_length
-        assert p["max_tokens"] >= 1 and len(job.stops) <= cfg.max_stop_sequences
-        assert p["seed"] is None or 0 <= p["seed"] < 2**64
-        assert math.isfinite(p["temperature"]) and 0 <= p["temperature"] <= 2
-        assert 0 < p["top_p"] <= 1
+        assert job.prompt_ids and len(job.prompt_ids) + p.max_tokens <= service.context_length
+        assert p.max_tokens >= 1 and len(job.stops) <= cfg.max_stop_sequences
+        assert p.seed is None or 0 <= p.seed < 2**64
+        assert math.isfinite(p.temperature) and 0 <= p.temperature <= 2
+        assert 0 < p.top_p <= 1
 
 
 @PROPERTY
@@ -188,7 +188,7 @@ def test_planned_params_sample_a_token(service, body, scale):
     the engine loop and with it the whole TP group, for every client."""
     import torch
 
-    from serve_tp.engine.sampling import SamplingParams, make_generator, sample_tokens
+    from serve_tp.engine.sampling import make_generator, sample_tokens
 
     req = parse(body)
     if isinstance(req, ValidationError):
@@ -199,7 +199,7 @@ def test_planned_params_sample_a_token(service, body, scale):
         return
     vocab = service.tokenizer.get_vocab_size()
     logits = torch.randn(len(jobs), vocab, generator=torch.Generator().manual_seed(0)) * scale
-    params = [SamplingParams(**job.params) for job in jobs]
+    params = [job.params for job in jobs]
     tokens = sample_tokens(logits, params, [make_generator(p) for p in params])
     assert all(0 <= t < vocab for t in tokens)
 
