@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from anyscale.compute_config.models import ComputeConfig
 from anyscale.service.models import ServiceConfig
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from ray.serve import Application
 from ray.serve._private.utils import import_attr
 from ray.serve.schema import ServeApplicationSchema
@@ -87,6 +89,25 @@ def test_containerfile_installs_exactly_requirements() -> None:
     installed = requirement_pins(shlex.split(installs[0])[3:])
     wanted = requirement_pins((ROOT / "requirements.txt").read_text().splitlines())
     assert installed == wanted
+
+
+def test_oldest_pins_are_the_lower_bounds_of_the_ranges() -> None:
+    # CI's second run installs requirements-oldest.txt; if a range's floor moved without it,
+    # that run would test a release the ranges no longer allow (or one they never did).
+    ranged = {}
+    for spec in requirement_pins((ROOT / "requirements.txt").read_text().splitlines()):
+        req = Requirement(spec)
+        floors = [s.version for s in req.specifier if s.operator == ">="]
+        if floors and any(s.operator == "<" for s in req.specifier):
+            ranged[canonicalize_name(req.name)] = floors[0]
+    oldest = {}
+    for spec in requirement_pins((ROOT / "requirements-oldest.txt").read_text().splitlines()):
+        req = Requirement(spec)
+        (pin,) = req.specifier
+        assert pin.operator == "==", f"requirements-oldest.txt pins exact versions, not {spec}"
+        oldest[canonicalize_name(req.name)] = pin.version
+    assert {"transformers", "tokenizers", "huggingface-hub"} <= set(ranged)
+    assert oldest == ranged
 
 
 def test_application_is_a_valid_serve_config(app_entry: dict) -> None:
