@@ -108,7 +108,6 @@ class SequenceOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
-    stop_token_id: Optional[int] = None  # the last token is this stop token: count it, show no text
     group_failed: bool = False  # with "error": the whole TP group failed (503), not this sequence alone
 
     def merge(self, later: "SequenceOutput") -> "SequenceOutput":
@@ -122,6 +121,5 @@ class SequenceOutput:
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
             finish_reason=later.finish_reason,
             error=later.error,
-            stop_token_id=later.stop_token_id,
             group_failed=later.group_failed,
         )

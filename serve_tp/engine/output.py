@@ -3,7 +3,7 @@
 A sequence ends with "stop" on EOS (unless `ignore_eos`) or on one of its
 `stop_token_ids`, once it has `min_tokens`; with "length" at `max_tokens` or when the
 context is full. The stop token is delivered (it counts as a completion token, as vLLM
-and OpenAI count EOS) and flagged, so the API shows no text for it.
+and OpenAI count EOS); the API leaves its text out, knowing the sequence's stop ids.
 """
 
 from __future__ import annotations
@@ -59,8 +59,6 @@ class OutputProcessor:
             if seq.params.logprobs is not None and logprobs is not None:
                 out.logprobs = [logprobs[row]]
             out.finish_reason = finish_reason(seq, token, self.eos_token_id, self.max_context)
-            if out.finish_reason == "stop" and token != self.eos_token_id:
-                out.stop_token_id = token
             if out.finish_reason is None:
                 seq.sink(out)
             else:
