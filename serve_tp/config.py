@@ -15,6 +15,7 @@ Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 CpuAllReduce = Literal["auto", "shm", "gloo"]
+PlanChannel = Literal["auto", "shm", "gloo"]
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -76,6 +77,12 @@ class ServeTPConfig(BaseModel):
         "auto", description="How CPU ranks sum their row-parallel outputs. auto: DeepSpeed's "
         "shared-memory all-reduce when every rank is on one node and DeepSpeed has built its op, "
         "else gloo. shm: shared memory or fail at start. gloo: always gloo (TCP). Ignored on cuda (NCCL)."
+    )
+
+    plan_channel: PlanChannel = Field(
+        "auto", description="How rank 0 sends each step's plan to the other ranks. auto: a shared-memory "
+        "ring on cuda when every rank is on one node (about 10 µs a step, against 0.4 ms over gloo), "
+        "else gloo. shm: the ring or fail at start. gloo: always the CPU process group (TCP)."
     )
 
     wait_for_resources: bool = Field(

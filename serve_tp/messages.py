@@ -36,6 +36,9 @@ class RankSettings:
     # How CPU ranks sum (ignored on cuda). The replica sends "auto" or "shm" only when its
     # placement group put every rank on one node: shared memory cannot reach another node.
     cpu_all_reduce: Literal["auto", "shm", "gloo"] = "gloo"
+    # How plans reach the other ranks, resolved by the replica: "shm" only when every rank is
+    # on its node (serve_tp/engine/plan_channel.py), else "gloo".
+    plan_channel: Literal["shm", "gloo"] = "gloo"
 
 
 @dataclass(frozen=True)

@@ -30,22 +30,49 @@ def rank_bundle_index(rank: int) -> int:
     return rank + 1
 
 
-def resolve_cpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
-    """What the ranks are told about summing on CPU, given where the bundles landed.
+def ranks_share_one_node(config: ServeTPConfig, bundle_nodes: Optional[dict[int, str]]) -> bool:
+    """Whether the placement group put every rank on one node (shared memory reaches them all).
 
     `bundle_nodes` maps bundle index to node id (the placement group's table), None when
-    the ranks have no placement group. Shared memory needs every rank on one node.
+    the ranks have no placement group: then they may be anywhere.
     """
+    rank_nodes = {(bundle_nodes or {}).get(rank_bundle_index(r)) or None for r in range(config.tensor_parallel_size)}
+    return len(rank_nodes) == 1 and None not in rank_nodes
+
+
+def _nodes_message(config: ServeTPConfig, bundle_nodes: Optional[dict[int, str]]) -> str:
+    nodes = {(bundle_nodes or {}).get(rank_bundle_index(r)) for r in range(config.tensor_parallel_size)} - {None}
+    return f"the placement group put the {config.tensor_parallel_size} ranks on {len(nodes)} node(s) " \
+           f"({config.placement_strategy})"
+
+
+def resolve_cpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
+    """What the ranks are told about summing on CPU, given where the bundles landed."""
     if device != "cpu" or config.cpu_all_reduce == "gloo":
         return "gloo"
-    rank_nodes = {(bundle_nodes or {}).get(rank_bundle_index(r)) or None for r in range(config.tensor_parallel_size)}
-    if len(rank_nodes) == 1 and None not in rank_nodes:
+    if ranks_share_one_node(config, bundle_nodes):
         return config.cpu_all_reduce
     if config.cpu_all_reduce == "shm":
-        raise ValueError(f"cpu_all_reduce shm needs every rank on one node; the placement group put the "
-                         f"{config.tensor_parallel_size} ranks on {len(rank_nodes - {None})} node(s) "
-                         f"({config.placement_strategy}): use STRICT_PACK, or cpu_all_reduce auto or gloo")
+        raise ValueError(f"cpu_all_reduce shm needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
+                         f"use STRICT_PACK, or cpu_all_reduce auto or gloo")
     return "gloo"
+
+
+def resolve_plan_channel(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
+    """How rank 0's plans reach the other ranks: "shm" (a shared-memory ring) or "gloo".
+
+    auto takes shared memory on cuda when every rank is on one node. On CPU it stays on
+    gloo: the ring's readers poll, and there the cores belong to the forward pass.
+    """
+    if config.plan_channel == "gloo" or config.tensor_parallel_size == 1:
+        return "gloo"
+    one_node = ranks_share_one_node(config, bundle_nodes)
+    if config.plan_channel == "shm":
+        if not one_node:
+            raise ValueError(f"plan_channel shm needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
+                             f"use STRICT_PACK, or plan_channel auto or gloo")
+        return "shm"
+    return "shm" if one_node and device == "cuda" else "gloo"
 
 
 def deployment_placement(config: ServeTPConfig, device: str) -> dict:

@@ -4,7 +4,8 @@ Rank 0 binds a free port on its own node and reports `node_ip:port`; the other r
 dial that address. Nothing guesses a random port, so no restart loop is needed.
 
 The model's all-reduce: NCCL on GPUs; on CPU, DeepSpeed's shared-memory all-reduce when
-every rank is on one node (serve_tp/engine/shm_all_reduce.py), else gloo.
+every rank is on one node (serve_tp/engine/shm_all_reduce.py), else gloo. Step plans go
+through a shared-memory ring when every rank is on one node (plan_channel.py), else gloo.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Literal, Optional
 
 import torch
 
+from serve_tp.engine.plan_channel import PlanRing, open_ring
 from serve_tp.engine.shm_all_reduce import (
     CollectiveWatchdog, prepare_environment, shm_unavailable, unlink_own_segment,
 )
@@ -54,6 +56,15 @@ class TPComm:
     control_group: Optional[object]
     all_reduce_kind: str = "none"
     watchdog: Optional[CollectiveWatchdog] = None
+    plan_ring: Optional[PlanRing] = None
+    plan_timeout_s: float = 900.0  # a follower's wait for the next plan (rank 0 heartbeats every second)
+    stall_timeout_s: float = 60.0  # rank 0's wait for a follower to free a ring slot
+
+    @property
+    def plan_channel(self) -> str:
+        if self.world_size == 1:
+            return "none"
+        return "shm" if self.plan_ring is not None else "gloo"
 
     def __post_init__(self):
         self._plan_buffer = torch.zeros(PLAN_INLINE_BYTES, dtype=torch.uint8)
@@ -77,14 +88,36 @@ class TPComm:
             self._ds_comm.all_reduce(tensor)
 
     def broadcast_plan(self, plan):
-        """Rank 0 sends `plan`; the others receive it. Pickled over the CPU group.
+        """Rank 0 sends `plan`; the others receive it. Pickled, through the shared-memory
+        ring when the group has one, else over the CPU group."""
+        if self.world_size == 1:
+            return plan
+        if self.plan_ring is not None:
+            return self._ring_plan(plan)
+        return self._gloo_plan(plan)
 
-        One fixed-size message carries the length and, for the usual decode step, the
+    def _ring_plan(self, plan):
+        ring = self.plan_ring
+        if self.rank == 0:
+            payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+            rest = ring.send(payload, self.stall_timeout_s)
+            if rest:  # too big for a slot: the tail follows on gloo
+                tail = torch.frombuffer(bytearray(payload[-rest:]), dtype=torch.uint8)
+                torch.distributed.broadcast(tail, src=0, group=self.control_group)
+            return plan
+
+        def fetch_rest(size: int) -> bytes:
+            tail = torch.empty(size, dtype=torch.uint8)
+            torch.distributed.broadcast(tail, src=0, group=self.control_group)
+            return tail.numpy().tobytes()
+
+        return pickle.loads(ring.receive(self.plan_timeout_s, fetch_rest))
+
+    def _gloo_plan(self, plan):
+        """One fixed-size message carries the length and, for the usual decode step, the
         whole plan: one round trip per step where broadcast_object_list takes two. A plan
         too big for it (many long prompts admitted at once) sends the rest in a second one.
         """
-        if self.world_size == 1:
-            return plan
         group, buffer = self.control_group, self._plan_buffer
         if self.rank == 0:
             payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
@@ -109,6 +142,7 @@ class TPComm:
 def init_tp_comm(
     rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float,
     cuda_index: int = 0, cpu_all_reduce: CpuAllReduce = "gloo", shm_timeout_s: Optional[float] = None,
+    plan_channel: str = "gloo",
 ) -> TPComm:
     """Join the group (blocks until every rank has joined) and make the control group.
 
@@ -117,7 +151,8 @@ def init_tp_comm(
     `cpu_all_reduce` (gloo backend only): "auto" or "shm" promise that every rank is on
     this node; "auto" then uses shared memory if every rank can, "shm" requires it.
     A shm all-reduce that waits longer than `shm_timeout_s` (default `timeout_s`) ends
-    the rank (see CollectiveWatchdog).
+    the rank (see CollectiveWatchdog). `plan_channel` "shm" promises the same of the
+    ranks and asks for the shared-memory plan ring (gloo if a rank cannot map it).
     """
     if world_size == 1:
         return TPComm(rank, 1, None)
@@ -139,14 +174,16 @@ def init_tp_comm(
     # Plans travel on gloo even when the model's collectives use NCCL: pickled Python
     # objects belong on the CPU, and gloo's timeouts keep an idle follower from hanging.
     control = torch.distributed.new_group(backend="gloo", timeout=timeout)
+    ring = open_ring(control, rank, world_size, address, port) if plan_channel == "shm" else None
+    comm = dict(plan_ring=ring, plan_timeout_s=timeout_s, stall_timeout_s=shm_timeout_s or timeout_s)
     if backend != "gloo":
-        return TPComm(rank, world_size, control, all_reduce_kind=backend)
+        return TPComm(rank, world_size, control, all_reduce_kind=backend, **comm)
     if not want_shm:
-        return TPComm(rank, world_size, control, all_reduce_kind="gloo")
+        return TPComm(rank, world_size, control, all_reduce_kind="gloo", **comm)
     if _every_rank_has_shm(control, cpu_all_reduce, address, port, rank):
         watchdog = CollectiveWatchdog(rank, shm_timeout_s or timeout_s)
-        return TPComm(rank, world_size, control, all_reduce_kind="shm", watchdog=watchdog)
-    return TPComm(rank, world_size, control, all_reduce_kind="gloo")
+        return TPComm(rank, world_size, control, all_reduce_kind="shm", watchdog=watchdog, **comm)
+    return TPComm(rank, world_size, control, all_reduce_kind="gloo", **comm)
 
 
 def _every_rank_has_shm(control, cpu_all_reduce: CpuAllReduce, address: str, port: int, rank: int) -> bool:

@@ -50,6 +50,7 @@ class RankSetup:
             "device": str(self.device),
             "backend": self.backend,
             "all_reduce": self.comm.all_reduce_kind,
+            "plan_channel": self.comm.plan_channel,
             "dtype": str(self.shard.dtype).removeprefix("torch."),
             "heads": self.shard.plan.heads,
             "kv_cache_mib": round(self.batch.cache.nbytes / 2**20, 1),
@@ -81,7 +82,8 @@ def setup_rank(rank: int, world_size: int, address: str, port: int, settings: Ra
     backend = "nccl" if device.type == "cuda" else "gloo"
     model_dir = str(resolve_model_dir(settings.model, settings.hf_revision))
     comm = init_tp_comm(rank, world_size, address, port, backend, settings.collective_timeout_s, cuda_index,
-                        cpu_all_reduce=settings.cpu_all_reduce, shm_timeout_s=settings.stall_timeout_s)
+                        cpu_all_reduce=settings.cpu_all_reduce, shm_timeout_s=settings.stall_timeout_s,
+                        plan_channel=settings.plan_channel)
     shard = load_shard(model_dir, settings.dtype, device, rank, world_size)
     forward = GPT2Forward(shard, comm.all_reduce)
     batch = SequenceBatch(forward, settings.max_batch_size, settings.context_length, cuda_graphs=settings.cuda_graphs)
