@@ -8,6 +8,9 @@
 # take the call's other parts with it):
 #   SKIP_TESTS=1 (or SKIP_CHECK=1)  pytest -m gpu: fp32 TP=2 NCCL == one process, graphs == eager,
 #                                   the HTTP app; fp16/bf16 printed with their control   (~2-3 min)
+#   SKIP_DTYPES=1                   scripts/gpu_dtype_record.py: fp32/fp16/bf16, TP=2 vs one process
+#                                   next to HF eager vs sdpa, trained small and medium shapes, long
+#                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (~4 min)
 #   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
 #   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
 #                                   1, 32, 128 (builds the random models first)           (~3-4 min)
@@ -50,6 +53,15 @@ if ! skip SKIP_TESTS; then
   else
     echo "SKIP: pytest is not installed on the device; add its wheels (pytest, pluggy, iniconfig) to .whl" | tee "$R/gpu_tests.log"
   fi
+fi
+if ! skip SKIP_DTYPES; then
+  echo "== dtype record: TP=2 vs one process, fp32/fp16/bf16, next to HF eager vs sdpa"
+  MM=/tmp/gpt2-medium-shape
+  [ -f $MM/config.json ] || python3 -m serve_tp.model.tiny_model $MM --layers 24 --heads 16 --embd 1024 --positions 1024 \
+    --model-vocab 50257 --train-steps ${TRAIN_STEPS_MEDIUM:-150} --batch-size 16 --device cuda >/dev/null
+  [ -f $MM/training.json ] && cat $MM/training.json
+  timeout 330 python3 scripts/gpu_dtype_record.py --models $M,$MM --device cuda --json "$R/dtype_record.json" \
+    --md "$R/dtype_record.md" 2>&1 | grep -v "$QUIET" | tail -25
 fi
 if ! skip SKIP_ALLREDUCE; then
   echo "== all-reduce microbenchmark"
