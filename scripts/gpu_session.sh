@@ -18,6 +18,8 @@
 #   SKIP_FIXED=1                    serve_tp + HF, fixed 32-token prompts / 64 tokens, greedy and
 #                                   sampled at 1, 32, 128 users                            (~2-3 min)
 #   SKIP_TUTORIAL=1                 the tutorial's serving, greedy and sampled, 1 and 32 users (~1-2 min)
+#   SKIP_LAYOUT=1                   TP or replicas? the same fixed workload on TP=2 x 1 replica and on
+#                                   TP=1 x 2 replicas (both GPUs), greedy and sampled, 1/32/128 users (~3 min)
 #   SKIP_REALISTIC=1                serve_tp, realistic lengths, mixed greedy/sampled, Poisson at
 #                                   $RATES req/s and 32 closed-loop users                   (~2-3 min)
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
@@ -43,7 +45,7 @@ M=/tmp/gpt2-small-shape
 QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
 skip() { [ "${!1:-0}" = 1 ]; }
 [ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1
-if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1; fi
+if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
 
 if ! skip SKIP_TESTS; then
   echo "== pytest -m gpu (correctness)"
@@ -90,6 +92,16 @@ if ! skip SKIP_TUTORIAL; then
   timeout 200 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets tutorial \
      --concurrency ${TUTORIAL_LEVELS:-1,32} --requests-per-client 1 --out "$R" --out-name fixed_tutorial 2>&1 \
      | grep -v "$QUIET" | tail -12
+fi
+if ! skip SKIP_LAYOUT; then
+  echo "== TP or replicas: TP=2 x 1 replica vs TP=1 x 2 replicas, same GPUs, fixed workload"
+  for layout in "2 1" "1 2"; do
+    set -- $layout
+    timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
+      --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
+      --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
+      --out "$R" --out-name layout_tp$1_x$2 2>&1 | grep -v "$QUIET" | tail -14
+  done
 fi
 if ! skip SKIP_REALISTIC; then
   echo "== benchmark, realistic: prompts 16-900, outputs 16-256 tokens, half greedy, Poisson arrivals; HF as the floor"
