@@ -152,7 +152,11 @@ def ensure_shape_model(name: str, root: Path) -> Path:
     path = root / name
     if not (path / "config.json").is_file():
         t = time.monotonic()
-        build_tiny_gpt2(path, n_layer=layers, n_head=heads, n_embd=embd, n_positions=1024, model_vocab_size=50257)
+        # Random weights, initialised on the GPU: timing needs the shape, not training (800
+        # CPU steps of gpt2-xl, the builder's default, ran past a whole device session).
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            build_tiny_gpt2(path, n_layer=layers, n_head=heads, n_embd=embd, n_positions=1024,
+                            model_vocab_size=50257, train_steps=0)
         print(f"built {name}-shaped random model in {time.monotonic() - t:.0f}s: {path}", flush=True)
     return path
 

@@ -8,6 +8,9 @@
 # take the call's other parts with it):
 #   SKIP_TESTS=1 (or SKIP_CHECK=1)  pytest -m gpu: fp32 TP=2 NCCL == one process, graphs == eager,
 #                                   the HTTP app; fp16/bf16 printed with their control   (~2-3 min)
+#   SKIP_DTYPES=1                   scripts/gpu_dtype_record.py: fp32/fp16/bf16, TP=2 vs one process
+#                                   next to HF eager vs sdpa, trained small and medium shapes, long
+#                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (~4 min)
 #   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
 #   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
 #                                   1, 32, 128 (builds the random models first)           (~3-4 min)
@@ -15,6 +18,8 @@
 #   SKIP_FIXED=1                    serve_tp + HF, fixed 32-token prompts / 64 tokens, greedy and
 #                                   sampled at 1, 32, 128 users                            (~2-3 min)
 #   SKIP_TUTORIAL=1                 the tutorial's serving, greedy and sampled, 1 and 32 users (~1-2 min)
+#   SKIP_LAYOUT=1                   TP or replicas? the same fixed workload on TP=2 x 1 replica and on
+#                                   TP=1 x 2 replicas (both GPUs), greedy and sampled, 1/32/128 users (~3 min)
 #   SKIP_REALISTIC=1                serve_tp, realistic lengths, mixed greedy/sampled, Poisson at
 #                                   $RATES req/s and 32 closed-loop users                   (~2-3 min)
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
@@ -40,7 +45,7 @@ M=/tmp/gpt2-small-shape
 QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
 skip() { [ "${!1:-0}" = 1 ]; }
 [ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1
-if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1; fi
+if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
 
 if ! skip SKIP_TESTS; then
   echo "== pytest -m gpu (correctness)"
@@ -50,6 +55,15 @@ if ! skip SKIP_TESTS; then
   else
     echo "SKIP: pytest is not installed on the device; add its wheels (pytest, pluggy, iniconfig) to .whl" | tee "$R/gpu_tests.log"
   fi
+fi
+if ! skip SKIP_DTYPES; then
+  echo "== dtype record: TP=2 vs one process, fp32/fp16/bf16, next to HF eager vs sdpa"
+  MM=/tmp/gpt2-medium-shape
+  [ -f $MM/config.json ] || python3 -m serve_tp.model.tiny_model $MM --layers 24 --heads 16 --embd 1024 --positions 1024 \
+    --model-vocab 50257 --train-steps ${TRAIN_STEPS_MEDIUM:-150} --batch-size 16 --device cuda >/dev/null
+  [ -f $MM/training.json ] && cat $MM/training.json
+  timeout 330 python3 scripts/gpu_dtype_record.py --models $M,$MM --device cuda --json "$R/dtype_record.json" \
+    --md "$R/dtype_record.md" 2>&1 | grep -v "$QUIET" | tail -25
 fi
 if ! skip SKIP_ALLREDUCE; then
   echo "== all-reduce microbenchmark"
@@ -78,6 +92,16 @@ if ! skip SKIP_TUTORIAL; then
   timeout 200 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets tutorial \
      --concurrency ${TUTORIAL_LEVELS:-1,32} --requests-per-client 1 --out "$R" --out-name fixed_tutorial 2>&1 \
      | grep -v "$QUIET" | tail -12
+fi
+if ! skip SKIP_LAYOUT; then
+  echo "== TP or replicas: TP=2 x 1 replica vs TP=1 x 2 replicas, same GPUs, fixed workload"
+  for layout in "2 1" "1 2"; do
+    set -- $layout
+    timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
+      --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
+      --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
+      --out "$R" --out-name layout_tp$1_x$2 2>&1 | grep -v "$QUIET" | tail -14
+  done
 fi
 if ! skip SKIP_REALISTIC; then
   echo "== benchmark, realistic: prompts 16-900, outputs 16-256 tokens, half greedy, Poisson arrivals; HF as the floor"

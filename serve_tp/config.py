@@ -102,6 +102,12 @@ class ServeTPConfig(BaseModel):
         0.002, ge=0, le=1, description="How long an idle engine waits to gather a batch."
     )
 
+    max_prefill_tokens: int = Field(
+        2048, ge=1, le=1_000_000, description="Prompt tokens prefilled per engine step (chunked prefill). "
+        "A longer prompt, or several, spread over steps while running streams keep decoding in every one: "
+        "a step's cost, so every stream's time per token, stays bounded as long prompts arrive. Lower it "
+        "for steadier TPOT under heavy prompt traffic, raise it for faster TTFT when prompts are rare."
+    )
     cuda_graphs: bool = Field(
         True, description="Replay decode steps as CUDA graphs (GPU only): one launch per step "
         "instead of hundreds. Off: eager kernels, for debugging."

@@ -27,6 +27,7 @@ class RankSettings:
     hf_revision: Optional[str] = None
     cuda_graphs: bool = True
     batch_wait_timeout_s: float = 0.002
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per engine step (chunked prefill)
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20

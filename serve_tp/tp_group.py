@@ -64,6 +64,7 @@ class TPGroup:
             context_length=context_length,
             cuda_graphs=config.cuda_graphs,
             batch_wait_timeout_s=config.batch_wait_timeout_s,
+            max_prefill_tokens=config.max_prefill_tokens,
             collective_timeout_s=config.startup_timeout_s,
             stall_timeout_s=config.stall_timeout_s,
             max_logprobs=config.max_logprobs,

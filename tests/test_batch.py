@@ -122,3 +122,52 @@ def test_admit_refuses_what_the_cache_cannot_hold(forward):
         batch.admit(["a", "b", "c"], [[1], [2], [3]])
     with pytest.raises(ValueError, match="16"):
         batch.admit(["a"], [[1] * 16])
+
+
+def test_graph_padding_rows_write_only_the_last_cache_position():
+    """Rows past n in a decode graph write K/V into slots where prompts may be part-way
+    through prefill: at the last position, which no prompt reaches (prompts < max_len)."""
+    from serve_tp.engine.decode_runner import padded_inputs
+
+    tokens, positions = padded_inputs([5, 6], [10, 3], batch=4, max_len=256)
+    assert tokens == [5, 6, 0, 0] and positions == [10, 3, 255, 255]
+
+
+def test_prompt_chunks_give_the_whole_prompts_logits(forward, tiny_model_dir, bound):
+    """A prompt prefilled 9 tokens at a time, beside a decoding row that leaves mid-way (its
+    slot refilled, the prefilling one moved down): last-position and every-position logits
+    as close to exact as a whole prefill's."""
+    from serve_tp.engine.plan import PrefillChunk
+
+    script = whole_context_script(tiny_model_dir)
+    prompt = list(script.arrivals[3].prompt)  # 125 tokens
+    neighbour = list(script.arrivals[1].prompt)
+    batch = SequenceBatch(forward, slots=3, max_len=256)
+    batch.admit(["n0", "n1"], [neighbour, neighbour])
+    every, last = [], None
+    for start in range(0, len(prompt), 9):
+        if start == 45:
+            assert batch.evict(["n0"]) == [(1, 0)]  # n1 moves down, and the prompt with it
+        end = min(start + 9, len(prompt))
+        last, scored = batch.prefill([PrefillChunk("p", tuple(prompt[start:end]), start, end == len(prompt), True)],
+                                     keep_prompt_logits={"p"})
+    assert batch.seq_ids == ["n1", "p"] and batch.lengths == [len(neighbour), len(prompt)] and not batch.pending
+    exact = reference.logits_along(tiny_model_dir, prompt)
+    assert float((scored["p"].double() - exact).abs().max()) <= bound
+    assert_close_to_exact(tiny_model_dir, prompt, last[0], bound)
+    step = batch.decode([3, 7])  # the chunked prompt's cache decodes on as any other
+    assert_close_to_exact(tiny_model_dir, prompt + [7], step[1], bound)
+
+
+def test_a_chunk_must_continue_its_prompt_and_finish_in_turn(forward):
+    from serve_tp.engine.plan import PrefillChunk
+
+    batch = SequenceBatch(forward, slots=3, max_len=64)
+    batch.prefill([PrefillChunk("a", (1, 2, 3), 0, False)])
+    with pytest.raises(ValueError, match="does not continue"):
+        batch.prefill([PrefillChunk("a", (4,), 5, True)])
+    with pytest.raises(ValueError, match="out of turn"):
+        batch.prefill([PrefillChunk("a", (4,), 3, False), PrefillChunk("b", (1,), 0, True)])
+    assert batch.pending == ["a"] and batch.pending_lengths == [3]  # refused steps changed nothing
+    last, _ = batch.prefill([PrefillChunk("a", (4,), 3, True), PrefillChunk("b", (1,), 0, True)])
+    assert last.shape[0] == 2 and batch.seq_ids == ["a", "b"] and batch.lengths == [4, 1]

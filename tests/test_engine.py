@@ -40,14 +40,14 @@ class Collector:
             self.done.set()
 
 
-def start_engine(model_dir, eos_token_id):
+def start_engine(model_dir, eos_token_id, max_prefill_tokens=2048):
     model = reference.hf_model(model_dir, "float32", "sdpa")
     batch = SequenceBatch(GPT2Forward(shard_gpt2(model)), slots=4, max_len=model.config.n_positions)
     sampler = Sampler(4, model.config.vocab_size, torch.device("cpu"), eos_token_id=eos_token_id,
                       max_logprobs=5, context_length=model.config.n_positions)
     loop = EngineLoop(batch, lambda plan: plan, 0,
                       eos_token_id=eos_token_id, max_context=model.config.n_positions,
-                      max_batch_size=4, batch_wait_s=0, sampler=sampler)
+                      max_batch_size=4, batch_wait_s=0, max_prefill_tokens=max_prefill_tokens, sampler=sampler)
     loop.start()
     return loop
 
@@ -140,3 +140,64 @@ def test_params_the_sampler_refuses_end_that_sequence_alone(engine, model_and_to
     assert (bad.finish, bad.tokens) == ("error", [])
     assert (good.finish, good.tokens) == ("length", alone(model_dir, prompt, 8))
     assert engine.alive
+
+
+@pytest.fixture
+def chunked_engine(model_and_tokenizer):
+    """Prefills 7 prompt tokens a step: a 100-token prompt takes 15 steps."""
+    model_dir, tokenizer = model_and_tokenizer
+    loop = start_engine(model_dir, tokenizer.eos_token_id, max_prefill_tokens=7)
+    yield loop
+    loop.stop()
+
+
+def long_prompt(tokenizer, n, offset=0):
+    text = " ".join(f"word{i} of the story" for i in range(offset, offset + n))
+    return tokenizer.encode(text)[:n]
+
+
+def test_chunked_prefill_keeps_streams_decoding_and_exact(chunked_engine, model_and_tokenizer):
+    """Long prompts arrive while a stream decodes: the stream gets a token in every step of
+    their prefill, and every sequence gets its solo tokens."""
+    model_dir, tokenizer = model_and_tokenizer
+    first = tokenizer.encode("The quick brown fox jumps")
+    running = Collector()
+    chunked_engine.submit(SequenceRequest("run", tuple(first), greedy(60)), running)
+    assert running.first.wait(30)
+    prompts = [long_prompt(tokenizer, 100), long_prompt(tokenizer, 50, 7)]
+    sinks = [Collector() for _ in prompts]
+    steps_before = chunked_engine.steps
+    tokens_before = len(running.tokens)
+    for i, (prompt, sink) in enumerate(zip(prompts, sinks)):
+        chunked_engine.submit(SequenceRequest(f"long{i}", tuple(prompt), greedy(10)), sink)
+    assert sinks[0].first.wait(60)
+    prefill_steps = chunked_engine.steps - steps_before
+    assert prefill_steps >= 100 // 7  # the prompt came in chunks...
+    assert len(running.tokens) - tokens_before >= prefill_steps - 2  # ...while the stream kept decoding
+    for sink, prompt in [(running, first)] + list(zip(sinks, prompts)):
+        assert sink.done.wait(60)
+    assert running.tokens == alone(model_dir, first, 60)
+    for sink, prompt in zip(sinks, prompts):
+        assert sink.tokens == alone(model_dir, prompt, 10)
+
+
+def test_cancelling_a_prompt_part_way_through_prefill_frees_its_slot(model_and_tokenizer):
+    model_dir, tokenizer = model_and_tokenizer
+    engine = start_engine(model_dir, tokenizer.eos_token_id, max_prefill_tokens=2)  # 125 steps of prompt
+    try:
+        short = tokenizer.encode("Once upon a time")
+        doomed, behind, other = Collector(), Collector(), Collector()
+        engine.submit(SequenceRequest("other", tuple(short), greedy(40)), other)
+        assert other.first.wait(30)
+        engine.submit(SequenceRequest("doomed", tuple(long_prompt(tokenizer, 250)), greedy(5)), doomed)
+        engine.submit(SequenceRequest("behind", tuple(long_prompt(tokenizer, 30, 3)), greedy(8)), behind)
+        deadline = time.monotonic() + 30
+        while engine.load()["running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # "doomed" holds a slot: it is part-way through its prompt
+        assert not doomed.first.is_set()
+        engine.cancel("doomed")
+        assert doomed.done.wait(30) and doomed.finish == "cancelled" and doomed.tokens == []
+        assert behind.done.wait(60) and behind.tokens == alone(model_dir, long_prompt(tokenizer, 30, 3), 8)
+        assert other.done.wait(60) and other.tokens == alone(model_dir, short, 40)
+    finally:
+        engine.stop()

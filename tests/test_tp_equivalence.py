@@ -46,8 +46,9 @@ def whole_context_script(model_dir: str) -> Script:
     ])
 
 
-def assert_equivalent(model_dir: str, world_size: int, all_reduce: str = "shm") -> dict:
+def assert_equivalent(model_dir: str, world_size: int, all_reduce: str = "shm", prefill_budget: int = 0) -> dict:
     script = whole_context_script(model_dir)
+    script.prefill_budget = prefill_budget
     context = reference.hf_model(model_dir).config.n_positions
     assert max(len(a.prompt) + a.max_new for a in script.arrivals) == context
     got = run_tp_script(model_dir, world_size, script, cpu_all_reduce=all_reduce)
@@ -78,6 +79,13 @@ def assert_equivalent(model_dir: str, world_size: int, all_reduce: str = "shm") 
 @pytest.mark.parametrize("world_size,all_reduce", [(2, "shm"), (3, "shm"), (2, "gloo")])
 def test_even_split_matches_unsharded_over_the_whole_context(tiny_model_dir, world_size, all_reduce):
     assert_equivalent(tiny_model_dir, world_size, all_reduce)
+
+
+def test_chunked_prefill_matches_unsharded_over_the_whole_context(tiny_model_dir):
+    """Prompts prefilled 16 tokens a step (the full-context one over 16 steps) while the
+    others decode, long prompts joining mid-flight, slots of prompts still prefilling
+    moved down when decoding rows leave: the same tokens, within the same bound."""
+    assert_equivalent(tiny_model_dir, 2, "shm", prefill_budget=16)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

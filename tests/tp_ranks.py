@@ -34,6 +34,7 @@ class Arrival:
 class Script:
     arrivals: list[Arrival]
     slots: int = 0  # 0: as many as arrivals
+    prefill_budget: int = 0  # > 0: prompts prefilled in chunks of this many tokens a step, as the engine does
 
     @classmethod
     def together(cls, prompts, max_new: int) -> "Script":
@@ -63,6 +64,8 @@ def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult]
             if keep_logits:
                 results[seq_id].logits.append(row.float().cpu().numpy())
 
+    if script.prefill_budget:
+        return _play_chunked(batch, script, results, record, wanted, spans)
     waiting, step = sorted(script.arrivals, key=lambda a: a.step), 0
     while waiting or len(batch):
         done = [s for s in batch.seq_ids if len(results[s].tokens) >= wanted[s]]
@@ -77,6 +80,39 @@ def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult]
             rows = list(batch.seq_ids)
             spans.append(attention_span(max(batch.lengths) + 1, batch.cache.max_len))
             record(rows, batch.decode([results[s].tokens[-1] for s in rows]))
+        step += 1
+    return results, spans
+
+
+def _play_chunked(batch, script, results, record, wanted, spans):
+    """The engine's step order: evict, decode the decoding rows, then prompt chunks within
+    the budget, first come first served (a prompt part-way through before new ones)."""
+    from serve_tp.engine.decode_runner import attention_span
+    from serve_tp.engine.plan import PrefillChunk
+
+    waiting, step = sorted(script.arrivals, key=lambda a: a.step), 0
+    prefilling: list[list] = []  # [arrival, tokens planned]
+    while waiting or prefilling or len(batch):
+        batch.evict([s for s in batch.seq_ids if len(results[s].tokens) >= wanted[s]])
+        while waiting and waiting[0].step <= step:
+            prefilling.append([waiting.pop(0), 0])
+        if len(batch):
+            rows = list(batch.seq_ids)
+            spans.append(attention_span(max(batch.lengths) + 1, batch.cache.max_len))
+            record(rows, batch.decode([results[s].tokens[-1] for s in rows]))
+        chunks, budget = [], script.prefill_budget
+        for entry in prefilling:
+            if budget == 0:
+                break
+            arrival, start = entry
+            end = min(len(arrival.prompt), start + budget)
+            chunks.append(PrefillChunk(arrival.seq_id, arrival.prompt[start:end], start, end == len(arrival.prompt)))
+            entry[1], budget = end, budget - (end - start)
+        if chunks:
+            finished = [c.seq_id for c in chunks if c.final]
+            last, _ = batch.prefill(chunks)
+            record(finished, last)
+            del prefilling[: len(finished)]
         step += 1
     return results, spans
 

@@ -1,9 +1,12 @@
 """The sequences a rank is decoding together, each in its own slot of a static KV cache.
 
-Sequences join (prefill) and leave (finished, cancelled) between decode steps. The live
-sequences always fill slots 0..n-1: a leaving sequence's slot is refilled by moving the
-last one into it, so a decode step is "the first n slots", a shape CUDA graphs can replay.
-Every rank applies the same plans to the same state, so all ranks agree on the row order.
+Sequences join (prefill) and leave (finished, cancelled) between decode steps. The
+decoding sequences always fill slots 0..n-1: a leaving sequence's slot is refilled by
+moving the last one into it, so a decode step is "the first n slots", a shape CUDA graphs
+can replay. Sequences whose prompts are still being prefilled, chunk by chunk, sit in
+the slots right after them (n..n+m-1, first come first): the first of them to finish
+becomes decoding row n without moving. Every rank applies the same plans to the same
+state, so all ranks agree on the row order.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Collection, Sequence
 import torch
 
 from serve_tp.engine.decode_runner import DecodeRunner
+from serve_tp.engine.plan import PrefillChunk
 from serve_tp.model.forward import GPT2Forward
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass; bounds its activations
@@ -54,11 +58,18 @@ class SequenceBatch:
             self.cache = forward.new_cache(slots, max_len)
         self.forward = forward
         self.runner = DecodeRunner(forward, self.cache, cuda_graphs)
-        self.seq_ids: list[str] = []
-        self.lengths: list[int] = []  # tokens in each slot's cache
+        self.seq_ids: list[str] = []  # decoding rows, slots 0..n-1
+        self.lengths: list[int] = []  # tokens in each decoding slot's cache
+        self.pending: list[str] = []  # prompts part-way through prefill, slots n..n+m-1
+        self.pending_lengths: list[int] = []
+        self._prompt_logits: dict[str, list[torch.Tensor]] = {}  # echo scoring across chunks
 
     def __len__(self) -> int:
         return len(self.seq_ids)
+
+    @property
+    def slots_used(self) -> int:
+        return len(self.seq_ids) + len(self.pending)
 
     def capture(self) -> None:
         """Capture the decode graphs (a no-op on CPU). Every rank calls it at the same point."""
@@ -69,15 +80,27 @@ class SequenceBatch:
 
     @torch.inference_mode()
     def evict(self, leaving: Sequence[str]) -> list[tuple[int, int]]:
-        """Drop finished or cancelled rows, refilling their slots from the end.
+        """Drop finished or cancelled sequences, decoding or prefilling, refilling decoding
+        slots from the end and shifting the prefilling ones down behind them.
 
-        Returns the (source, target) slot moves, for any per-slot state kept beside the cache.
+        Returns the decoding rows' (source, target) slot moves, for any per-slot state
+        kept beside the cache (prefilling sequences have none yet).
         """
+        first_pending = len(self.seq_ids)
         self.seq_ids, moves = compact(self.seq_ids, leaving)
         for source, target in moves:
             self.cache.move(source, target, self.lengths[source])
             self.lengths[target] = self.lengths[source]
         del self.lengths[len(self.seq_ids):]
+        kept = [(j, sid) for j, sid in enumerate(self.pending) if sid not in leaving]
+        for new_index, (old_index, _) in enumerate(kept):  # targets never pass a source not yet moved
+            source, target = first_pending + old_index, len(self.seq_ids) + new_index
+            if source != target:
+                self.cache.move(source, target, self.pending_lengths[old_index])
+        self.pending_lengths = [self.pending_lengths[j] for j, _ in kept]
+        self.pending = [sid for _, sid in kept]
+        for sid in leaving:
+            self._prompt_logits.pop(sid, None)
         return moves
 
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -91,22 +114,86 @@ class SequenceBatch:
     def admit(
         self, seq_ids: Sequence[str], prompts: Sequence[Sequence[int]], keep_prompt_logits: Collection[str] = (),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Prefill new sequences into the next free slots.
+        """Prefill whole prompts at once (one final chunk each): see `prefill`."""
+        chunks = [PrefillChunk(sid, tuple(p), 0, True) for sid, p in zip(seq_ids, prompts)]
+        return self.prefill(chunks, keep_prompt_logits)
 
-        Returns their last positions' logits [n, V], and the logits of every prompt
-        position [len, V] for the sequences in `keep_prompt_logits` (echo scoring).
+    def prefill(
+        self, chunks: Sequence[PrefillChunk], keep_prompt_logits: Collection[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Prefill prompt chunks: a sequence's first chunk takes the next free slot.
+
+        The sequences whose final chunk this is become decoding rows; returns their last
+        positions' logits [n, V] (in row order), and the logits of every prompt position
+        [len, V] of those in `keep_prompt_logits` (echo scoring), gathered over all their
+        chunks. Consecutive whole prompts are prefilled together, right-padded.
         """
-        if len(self) + len(prompts) > self.cache.slots:
-            raise ValueError(f"{len(prompts)} new sequences do not fit: {len(self)} of {self.cache.slots} slots used")
-        too_long = [len(p) for p in prompts if not 0 < len(p) < self.cache.max_len]
-        if too_long:
-            raise ValueError(f"prompt of {too_long[0]} tokens does not fit a cache of {self.cache.max_len}")
-        logits, prompt_logits = [], {}
+        finished = [c.seq_id for c in chunks if c.final]
+        order = self.pending + [c.seq_id for c in chunks if c.start == 0 and c.seq_id not in self.pending]
+        if finished != order[: len(finished)]:
+            raise ValueError(f"sequences {finished} finish prefill out of turn: {order[: len(finished) + 1]} first")
+        self._place(chunks)
+        last = {}
+        i = 0
+        while i < len(chunks):
+            whole = i
+            while whole < len(chunks) and chunks[whole].start == 0 and chunks[whole].final:
+                whole += 1
+            if whole > i:
+                last.update(self._prefill_whole(chunks[i:whole], keep_prompt_logits))
+                i = whole
+            else:
+                last.update(self._prefill_part(chunks[i], keep_prompt_logits))
+                i += 1
+        n = len(finished)
+        self.seq_ids.extend(self.pending[:n])
+        self.lengths.extend(self.pending_lengths[:n])
+        del self.pending[:n], self.pending_lengths[:n]
+        prompt_logits = {sid: torch.cat(self._prompt_logits.pop(sid)) for sid in finished if sid in self._prompt_logits}
+        if not finished:
+            return torch.empty(0, 0), prompt_logits
+        return torch.cat([last[sid] for sid in finished]), prompt_logits
+
+    def _place(self, chunks: Sequence[PrefillChunk]) -> None:
+        """New sequences take slots; every chunk must continue where its sequence stands.
+        Checked before anything changes, so a refused step leaves the batch as it was."""
+        new = [c.seq_id for c in chunks if c.start == 0 and c.seq_id not in self.pending]
+        if self.slots_used + len(new) > self.cache.slots:
+            raise ValueError(f"{len(new)} new sequences do not fit: {self.slots_used} of {self.cache.slots} slots used")
+        done = dict(zip(self.pending, self.pending_lengths)) | {sid: 0 for sid in new}
+        for chunk in chunks:
+            end = chunk.start + len(chunk.tokens)
+            if chunk.start != done.get(chunk.seq_id) or not chunk.tokens or end >= self.cache.max_len:
+                raise ValueError(f"chunk [{chunk.start}, {end}) of {chunk.seq_id} does not continue its "
+                                 f"{done.get(chunk.seq_id)} prefilled tokens within a cache of {self.cache.max_len}")
+            done[chunk.seq_id] = end
+        self.pending.extend(new)
+        self.pending_lengths.extend(0 for _ in new)
+
+    def _slot(self, seq_id: str) -> int:
+        return len(self.seq_ids) + self.pending.index(seq_id)
+
+    def _prefill_whole(self, chunks, keep) -> dict[str, torch.Tensor]:
+        """Whole prompts (consecutive slots), batched as far as the padded budget allows."""
+        last = {}
+        prompts = [list(c.tokens) for c in chunks]
+        first_slot = self._slot(chunks[0].seq_id)
         for start, end in prefill_chunks(prompts):
-            keep = [row for row in range(end - start) if seq_ids[start + row] in keep_prompt_logits]
-            last, every = self.forward.prefill(self.cache, len(self) + start, prompts[start:end], keep)
-            logits.append(last)
-            prompt_logits.update({seq_ids[start + row]: every[row] for row in keep})
-        self.seq_ids.extend(seq_ids)
-        self.lengths.extend(len(p) for p in prompts)
-        return torch.cat(logits), prompt_logits
+            ids = [c.seq_id for c in chunks[start:end]]
+            rows = [row for row, sid in enumerate(ids) if sid in keep]
+            logits, every = self.forward.prefill(self.cache, first_slot + start, prompts[start:end], rows)
+            last.update(zip(ids, logits.split(1)))
+            for row in rows:
+                self._prompt_logits.setdefault(ids[row], []).append(every[row])
+        for chunk in chunks:
+            self.pending_lengths[self.pending.index(chunk.seq_id)] = len(chunk.tokens)
+        return last
+
+    def _prefill_part(self, chunk: PrefillChunk, keep) -> dict[str, torch.Tensor]:
+        wanted = chunk.seq_id in keep
+        logits, every = self.forward.prefill_chunk(self.cache, self._slot(chunk.seq_id), chunk.tokens,
+                                                   chunk.start, chunk.final, wanted)
+        if wanted:
+            self._prompt_logits.setdefault(chunk.seq_id, []).append(every)
+        self.pending_lengths[self.pending.index(chunk.seq_id)] += len(chunk.tokens)
+        return {chunk.seq_id: logits} if chunk.final else {}

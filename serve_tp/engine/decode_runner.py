@@ -3,9 +3,9 @@
 A GPT-2-small decode step is a few hundred small kernels and 24 all-reduces: launched one
 by one from Python it costs milliseconds of host time for microseconds of GPU work. A CUDA
 graph launches the whole step at once. One graph is captured per (batch bucket, attention
-span) pair: a step with n rows replays the smallest bucket >= n, the rows past n decoding
-a dummy token into free slots, and attends over the smallest power-of-two span that
-covers every row. NCCL all-reduces are captured with the rest (every rank captures the
+span) pair: a step with n rows replays the smallest bucket >= n, the rows past n
+decoding a dummy token at the last cache position of the slots after them
+(`padded_inputs`), and attends over the smallest power-of-two span that covers every row. NCCL all-reduces are captured with the rest (every rank captures the
 same graphs in the same order, at startup, so they replay in lockstep).
 """
 
@@ -48,6 +48,15 @@ def span_buckets(max_len: int) -> list[int]:
         spans.append(span)
         span *= 2
     return spans + [max_len]
+
+
+def padded_inputs(tokens: Sequence[int], positions: Sequence[int], batch: int, max_len: int) -> list[list[int]]:
+    """[tokens, positions] padded to a graph's batch: the padding rows write a dummy K/V
+    into slots n..batch-1, where sequences still prefilling may sit. They write it at the
+    cache's last position, which no prompt reaches (prompts end before it) and which a real
+    decode there writes itself before reading, so no sequence ever reads a dummy."""
+    pad = batch - len(tokens)
+    return [list(tokens) + [0] * pad, list(positions) + [max_len - 1] * pad]
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -114,8 +123,7 @@ class DecodeRunner:
                 self.cache, torch.tensor(tokens, device=device), torch.tensor(positions, device=device), span
             )
         batch = bucket_for(n, self.batches)
-        pad = batch - n
-        host = torch.tensor([list(tokens) + [0] * pad, list(positions) + [0] * pad], dtype=torch.long)
+        host = torch.tensor(padded_inputs(tokens, positions, batch, self.cache.max_len), dtype=torch.long)
         self._tokens[:batch].copy_(host[0])
         self._positions[:batch].copy_(host[1])
         self._graphs[(batch, span)].replay()

@@ -13,11 +13,12 @@ from serve_tp.engine.plan import StepPlan
 
 @dataclass
 class StepLogits:
-    """What a step computed, in row order: decoded rows first, then the admitted ones.
+    """What a step computed, in row order: decoded rows first, then those whose prompt
+    prefill ended this step (None when neither: only partial prompt chunks ran).
 
     `moves` are the (source, target) slot moves the evictions made, so that rank 0's
-    per-slot sampler state can follow the KV cache. `prompt_logits` maps an admitted
-    sequence that asked for them to the logits of every one of its prompt positions.
+    per-slot sampler state can follow the KV cache. `prompt_logits` maps a sequence that
+    finished its prefill and asked for them to the logits of every prompt position.
     """
 
     logits: Optional[torch.Tensor]  # [rows, V]
@@ -37,12 +38,11 @@ class Executor:
         parts, prompt_logits = [], {}
         if plan.decode_tokens:
             parts.append(self.batch.decode(plan.decode_tokens))
-        if plan.admit:
-            wanted = {a.seq_id for a in plan.admit if a.prompt_logits} if self.keep_prompt_logits else set()
-            last, prompt_logits = self.batch.admit(
-                [a.seq_id for a in plan.admit], [list(a.prompt_ids) for a in plan.admit], wanted
-            )
-            parts.append(last)
+        if plan.prefill:
+            wanted = {c.seq_id for c in plan.prefill if c.prompt_logits} if self.keep_prompt_logits else set()
+            last, prompt_logits = self.batch.prefill(plan.prefill, wanted)
+            if last.shape[0]:
+                parts.append(last)
         logits = None
         if parts:
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)

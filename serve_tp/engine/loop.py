@@ -69,6 +69,7 @@ class EngineLoop:
         max_context: int,
         max_batch_size: int,
         batch_wait_s: float,
+        max_prefill_tokens: int = 2048,
         sampler: Optional[Sampler] = None,
         on_step: Optional[Callable[[int, int, int], None]] = None,
     ):
@@ -78,7 +79,7 @@ class EngineLoop:
         self.broadcast = broadcast
         self.rank = rank
         self.executor = Executor(batch, keep_prompt_logits=rank == 0)
-        self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s)
+        self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens)
         self.outputs = OutputProcessor(self.scheduler, eos_token_id, max_context)
         self.sampler = sampler
         self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step
@@ -138,7 +139,7 @@ class EngineLoop:
     def _lead(self) -> None:
         clock = time.perf_counter
         while True:
-            plan, admitted = self.scheduler.next_plan()
+            plan, joining = self.scheduler.next_plan()
             t0 = clock()
             self.broadcast(plan)
             if plan.shutdown:
@@ -147,8 +148,8 @@ class EngineLoop:
             step = self.executor.run(plan)
             for source, target in step.moves:
                 self.sampler.move(source, target)
-            first_new = len(self.batch) - len(admitted)
-            for offset, seq in enumerate(admitted):
+            first_new = len(self.batch) - len(joining)  # they decode from the next step on
+            for offset, seq in enumerate(joining):
                 self._admit_to_sampler(first_new + offset, seq)
             t2 = clock()
             if step.logits is not None:

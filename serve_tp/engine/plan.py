@@ -4,6 +4,8 @@ Rank 0 broadcasts each plan on the CPU control group and every rank executes exa
 plans it receives, in order, so the collectives inside the forward pass can never
 interleave between requests. The plan carries token ids, not logits: only rank 0
 samples, so every rank feeds the same tokens whatever its floating-point noise.
+Long prompts arrive in chunks over several steps (chunked prefill), so a step's cost stays
+bounded by its prefill token budget and running streams keep their pace.
 """
 
 from __future__ import annotations
@@ -12,28 +14,40 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class Admission:
-    """A sequence joining the batch: its prompt is prefilled into the next free slot."""
+class PrefillChunk:
+    """Prompt tokens [start, start + len(tokens)) of one sequence, prefilled into its slot.
+
+    A sequence's first chunk (start 0) gives it the next free slot after the decoding rows
+    and the other prefilling ones; its `final` chunk makes it a decoding row, and only a
+    final chunk yields logits (the first token's). Chunks are allotted first come, first
+    served, so the sequences that finish in a step are always the first prefilling ones.
+    """
 
     seq_id: str
-    prompt_ids: tuple[int, ...]
+    tokens: tuple[int, ...]
+    start: int
+    final: bool
     prompt_logits: bool = False  # rank 0 keeps the logits of every prompt position (echo scoring)
 
 
 @dataclass
 class StepPlan:
-    """Evictions first, then one decode token per remaining row (in row order), then admissions."""
+    """Evictions first, then one decode token per decoding row (in row order), then prefill chunks."""
 
     evict: list[str] = field(default_factory=list)
     decode_tokens: list[int] = field(default_factory=list)
-    admit: list[Admission] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
     shutdown: bool = False
 
     @property
     def has_work(self) -> bool:
-        return bool(self.decode_tokens or self.admit)
+        return bool(self.decode_tokens or self.prefill)
 
     @property
     def rows(self) -> int:
         """Sequences that get a token in this step."""
-        return len(self.decode_tokens) + len(self.admit)
+        return len(self.decode_tokens) + sum(chunk.final for chunk in self.prefill)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(len(chunk.tokens) for chunk in self.prefill)

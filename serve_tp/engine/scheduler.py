@@ -4,6 +4,12 @@ Threads: `submit`, `cancel` and `stop` come from the actor's threads and touch o
 state behind `_cond` (waiting queue, cancellations, counters). The running sequences
 (`_running`) belong to the engine thread alone. The row order of a plan is not decided
 here: the batch defines it (`rows_after_evict`), and the scheduler asks.
+
+Chunked prefill: each step prefills at most `max_prefill_tokens` prompt tokens, handed
+out first come, first served: first to the prompts already part-way through, then to
+newly admitted ones. A long prompt thus spreads over several steps while the running
+streams decode in every one of them, and a step's cost stays bounded however long the
+prompts that arrive. (vLLM's chunked prefill, with its max_num_batched_tokens.)
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence as Seq
 
-from serve_tp.engine.plan import Admission, StepPlan
+from serve_tp.engine.plan import PrefillChunk, StepPlan
 from serve_tp.engine.sampling import random_seed
 from serve_tp.messages import SequenceOutput, SequenceRequest
 
@@ -32,6 +38,7 @@ class Sequence:
     seed: int  # the request's seed, or one drawn for it: its noise depends on nothing else
     generated: list[int] = field(default_factory=list)
     ended: bool = False  # its finish was delivered; its row leaves with the next plan
+    prefilled: int = 0  # prompt tokens in its slot's cache (planned so far)
 
     @property
     def seq_id(self) -> str:
@@ -44,10 +51,13 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, rows_after_evict: Callable[[Seq[str]], list[str]], max_batch_size: int,
-                 batch_wait_s: float):
+                 batch_wait_s: float, max_prefill_tokens: int = 2048):
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, not {max_prefill_tokens}")
         self._rows_after_evict = rows_after_evict
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.max_prefill_tokens = max_prefill_tokens
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[str] = set()
@@ -55,7 +65,8 @@ class Scheduler:
         self._failure: Optional[str] = None
         self._running_count = 0  # len(_running), readable from any thread
         # engine thread only:
-        self._running: dict[str, Sequence] = {}
+        self._running: dict[str, Sequence] = {}  # every sequence holding a slot
+        self._prefilling: list[Sequence] = []  # of those, the ones whose prompt is not all in, in slot order
         self._finished: list[str] = []
 
     # ---- any thread ----
@@ -94,7 +105,8 @@ class Scheduler:
         self._finished.append(seq_id)
 
     def next_plan(self) -> tuple[StepPlan, list[Sequence]]:
-        """The next step's plan and the sequences it admits (waits while idle)."""
+        """The next step's plan and the sequences that start decoding after it (their
+        prompts' last chunks are in it), in row order. Waits while idle."""
         with self._cond:
             if not (self._running or self._waiting or self._stopping):
                 self._cond.wait(timeout=HEARTBEAT_S)
@@ -102,23 +114,43 @@ class Scheduler:
             if self._stopping:
                 return StepPlan(shutdown=True), []
             evict, cancelled = self._take_evictions()
-            room = self.max_batch_size - (len(self._running) - len(evict))
-            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             for sid in evict:
                 self._running.pop(sid, None)
-            for seq in admitted:
+            if evict:
+                self._prefilling = [s for s in self._prefilling if s.seq_id in self._running]
+            chunks, budget = [], self.max_prefill_tokens
+            for seq in self._prefilling:  # prompts part-way through come first
+                if budget == 0:
+                    break
+                budget -= self._chunk(seq, budget, chunks)
+            while budget > 0 and self._waiting and len(self._running) < self.max_batch_size:
+                seq = self._waiting.popleft()
                 self._running[seq.seq_id] = seq
+                self._prefilling.append(seq)
+                budget -= self._chunk(seq, budget, chunks)
             self._running_count = len(self._running)
         for seq in cancelled:  # outside the lock: a sink may take its own locks
             seq.sink(SequenceOutput([], finish_reason="cancelled"))
+        joining = [seq for seq in self._prefilling[: sum(c.final for c in chunks)]]
+        del self._prefilling[: len(joining)]
         rows = self._rows_after_evict(evict)
         plan = StepPlan(
             evict=evict,
             decode_tokens=[self._running[sid].generated[-1] for sid in rows],
-            admit=[Admission(s.seq_id, s.request.prompt_ids, s.params.prompt_logprobs is not None)
-                   for s in admitted],
+            prefill=chunks,
         )
-        return plan, admitted
+        return plan, joining
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, chunks: list[PrefillChunk]) -> int:
+        """Plan the next chunk of `seq`'s prompt within `budget`; returns its length."""
+        prompt = seq.request.prompt_ids
+        start = seq.prefilled
+        end = min(len(prompt), start + budget)
+        chunks.append(PrefillChunk(seq.seq_id, tuple(prompt[start:end]), start, end == len(prompt),
+                                   seq.params.prompt_logprobs is not None))
+        seq.prefilled = end
+        return end - start
 
     def _gather_arrivals(self) -> None:
         """Idle until now: give concurrent arrivals a moment to join this batch."""
@@ -153,6 +185,7 @@ class Scheduler:
             self._failure = message
             doomed = list(self._running.values()) + list(self._waiting)
             self._running.clear()
+            self._prefilling.clear()
             self._waiting.clear()
             self._running_count = 0
         for seq in doomed:

@@ -123,6 +123,35 @@ class GPT2Forward:
         every = {row: self._logits(h[row, : len(prompts[row])]) for row in keep_all}
         return self._logits(h[torch.arange(n, device=self.device), last]), every
 
+    # ---- a chunk of one prompt, after the part already in its slot ----
+    @torch.inference_mode()
+    def prefill_chunk(
+        self, cache: "KVCache", slot: int, tokens: Sequence[int], start: int, last: bool, keep_all: bool,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Prompt tokens at positions [start, start + len(tokens)) of the sequence in `slot`,
+        whose positions before `start` are already cached.
+
+        Stores the chunk's K/V and returns (the last position's logits [1, V] if `last`,
+        every position's logits [len, V] if `keep_all`). Each position attends over the
+        cached prefix and the chunk up to itself (an explicit mask: the causal diagonal
+        is offset by `start`).
+        """
+        n, end = len(tokens), start + len(tokens)
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)
+        h = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        visible = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [n, end]
+        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales)):
+            q, k, v = self._qkv(block, h).permute(1, 2, 0, 3).unbind(0)  # each [heads, n, D]
+            cache.kv[layer, slot, 0, :, start:end] = k
+            cache.kv[layer, slot, 1, :, start:end] = v
+            keys, values = cache.kv[layer, slot, 0, :, :end], cache.kv[layer, slot, 1, :, :end]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)  # [heads, n, D]
+            h = h + self._row_parallel(attn.transpose(0, 1).reshape(n, self.num_heads * self.head_dim),
+                                       block.attn_proj)
+            h = self._mlp(block, h)
+        return (self._logits(h[-1:]) if last else None), (self._logits(h) if keep_all else None)
+
     # ---- decode: one token for each of the first `tokens.shape[0]` slots ----
     def decode(self, cache: "KVCache", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
         """Logits [B, V] for token b at position positions[b] of slot b, for b < B.

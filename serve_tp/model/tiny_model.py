@@ -102,7 +102,7 @@ def build_tiny_gpt2(
         settings = TrainSettings(steps=train_steps, batch_size=batch_size, seed=seed)
         losses = train_causal_lm(model, ids, settings, resolve_train_device(device))
         report.update(final_train_loss=round(losses[-1], 4), held_out=evaluate(model, ids))
-        model.to("cpu")
+    model.to("cpu")  # trained, or built under a torch.device("cuda") context
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(report, indent=1))
