@@ -86,7 +86,7 @@ class DecodeRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         # compiled pieces (compile_decode) compile on first sight of a shape: every bucket once
-        warm = self.batches if self.forward.compiled is not None else (self.batches[-1], 1)
+        warm = self.batches if getattr(self.forward, "compiled", None) is not None else (self.batches[-1], 1)
         with torch.cuda.stream(side):  # warm-up: lazy inits (cuBLAS handles, NCCL) stay out of the graphs
             for batch in warm:
                 self._eager(batch, self.spans[-1])
