@@ -7,6 +7,7 @@ export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L
 M=${SERVE_TP_GPU_MODEL:-models/tiny-gpt2}
+[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null  # the trained tiny test model, ~20 s
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   SERVE_TP_GPU_MODEL=$M timeout ${TESTS_S:-110} python3 -m pytest -m gpu tests/test_gpu.py -q -x -s -p no:cacheprovider \
     -k "symm_mem or compiled or fp32_tp2_nccl" 2>&1 | grep -v "Warning\|warn\|DeepSpeed\|^\[" | tail -25 | tee "$OUT/gpu_tests.log"
