@@ -10,12 +10,17 @@ the decode step replayed as a CUDA graph and launched eagerly. Also times a pref
 the plan broadcast the engine sends each step. Compare with the service's time per output
 token to see what serving adds (sampling, streaming through Ray and HTTP).
 
-`--shapes` builds random-weight models of GPT-2's published shapes (vocabulary 50257,
-1024 positions) under --shape-dir, once. A shape whose split the sharding refuses (gpt2-xl's
-25 heads over 2 ranks, until uneven splits land) is skipped with the refusal, and so is a
-run whose ranks fail (out of memory...): the other runs go on. `--json` appends one JSON
-line per (shape, TP, batch): {model, layers, heads, embd, tp, dtype, batch, graph_ms,
-eager_ms, ...}, with `skipped` holding the reason when there are no timings.
+`--shapes` writes config-only directories of GPT-2's published shapes (vocabulary 50257)
+under --shape-dir; each rank draws random weights on its GPU in the target dtype
+(random_shard: seconds, where building and loading a checkpoint took minutes). One run of
+ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`: NCCL, or
+torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
+(compile_decode off/on, serve_tp/model/compiled.py), so their rows share GPUs and warm-up.
+A shape whose split the sharding refuses is skipped with the refusal, and so is a run
+whose ranks fail (out of memory...): the other runs go on. `--json` appends one JSON line
+per (shape, TP, variant, batch): {model, layers, heads, embd, tp, dtype, batch,
+decode_all_reduce, compile, graph_ms, eager_ms, capture_s (compile included), ...}, with
+`skipped` holding the reason when there are no timings. The summary ends with TP=2 / TP=1.
 """
 
 import argparse
@@ -61,66 +66,101 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
         out.put(("error", rank, traceback.format_exc()))
 
 
-def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
-    from serve_tp.engine.rank_setup import setup_rank
+def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context):
+    from serve_tp.engine import rank_setup
     from serve_tp.messages import RankSettings
-    from serve_tp.model.source import context_length, read_model_config
+    from serve_tp.model.forward import GPT2Forward
 
-    context = context_length(read_model_config(Path(model_dir)))
-    # The serving path's rank setup with a one-slot eager batch: each timing pass below
-    # builds the batch it times, so the graph pass's KV cache is freed before the eager one's.
+    if Path(model_dir, RANDOM_MARK).is_file():  # a shape without weights: random ones, made on the GPU
+        rank_setup.load_shard = random_shard
+    # The serving path's rank setup with an eager batch: each timing pass below builds the
+    # batch it times, so one pass's KV cache is freed before the next one's.
     settings = RankSettings(model=model_dir, served_model_name="profile", device="cuda", dtype=dtype,
-                            max_batch_size=1, context_length=context, cuda_graphs=False,
-                            collective_timeout_s=120, plan_channel="shm")
-    ready = setup_rank(rank, world, "127.0.0.1", port, settings, cuda_index=rank)
-    comm, forward = ready.comm, ready.forward
-    ready.batch = None
-    results = {}
-    for graphs in (True, False):
-        _time_pass(forward, context, batches, steps, graphs, results)
-        # The KV cache of the largest shapes takes half the GPU: the graph pass's is freed
-        # (its batch went out of scope) before the eager pass allocates its own.
-        gc.collect()
-        torch.cuda.empty_cache()
+                            max_batch_size=max(batches), context_length=context, cuda_graphs=False,
+                            collective_timeout_s=120, plan_channel="shm",
+                            gpu_all_reduce="auto" if any(v[0] == "symm_mem" for v in variants) else "nccl")
+    ready = rank_setup.setup_rank(rank, world, "127.0.0.1", port, settings, cuda_index=rank)
+    comm, shard = ready.comm, ready.shard
+    fast = ready.forward.decode_all_reduce
+    ready.batch = ready.forward = None
+    gc.collect()
+    results = {"paths": {}}
+    for path, compiled in variants:
+        if path == "symm_mem" and fast is None:
+            results["paths"][(path, compiled)] = f"skipped: {ready.decode_all_reduce}"
+            continue
+        forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=fast if path == "symm_mem" else None,
+                              compile_decode=compiled)
+        label = (fast.description if path == "symm_mem" else comm.all_reduce_kind) if world > 1 else "none"
+        results["paths"][(path, compiled)] = label
+        for graphs in (True, False):
+            _time_pass(forward, context, batches, steps, graphs, results, (path, compiled))
+            # The KV cache of the largest shapes takes half the GPU: one pass's is freed
+            # (its batch went out of scope) before the next allocates its own.
+            gc.collect()
+            torch.cuda.empty_cache()
     plan = {"evict": [], "decode_tokens": [5] * max(batches), "admit": []}
     start = time.perf_counter()
     for _ in range(steps):
         comm.broadcast_plan(plan)
     results["broadcast"] = 1000 * (time.perf_counter() - start) / steps  # the shared-memory ring
-    start = time.perf_counter()
-    for _ in range(steps if world > 1 else 0):
-        comm._gloo_plan(plan)  # the fallback, side by side
-    results["broadcast_gloo"] = 1000 * (time.perf_counter() - start) / steps
     if rank == 0:
         out.put(("ok", rank, results))
 
 
-def _time_pass(forward, n_positions, batches, steps, graphs, results):
+def _time_pass(forward, n_positions, batches, steps, graphs, results, variant):
     from serve_tp.engine.batch import SequenceBatch
 
     batch = SequenceBatch(forward, max(batches), n_positions, cuda_graphs=graphs)
+    torch.cuda.synchronize()
+    started = time.monotonic()
     batch.capture()
-    results[f"capture_s_{graphs}"] = batch.runner.capture_s
+    results[(variant, "capture_s", graphs)] = time.monotonic() - started  # compile included
     for size in batches:
         ids = [str(i) for i in range(size)]
         prompts = [[1 + (i + j) % 50 for j in range(32)] for i in range(size)]
         start = time.perf_counter()
         batch.admit(ids, prompts)
         torch.cuda.synchronize()
-        results[("prefill", size)] = 1000 * (time.perf_counter() - start)
+        results[(variant, "prefill", size)] = 1000 * (time.perf_counter() - start)
         tokens = [5] * size
-        results[(graphs, size)] = _time(lambda: batch.decode(tokens), steps)
+        results[(variant, graphs, size)] = _time(lambda: batch.decode(tokens), steps)
         batch.evict(ids)
 
 
-def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s):
+RANDOM_MARK = "random_weights"
+
+
+def random_shard(model_dir: str, dtype_name: str, device, rank: int, world_size: int):
+    """This rank's shard of a GPT-2 of model_dir's shape with random weights (normal, std 0.02),
+    built on the meta device and allocated on the GPU in its dtype: seconds for gpt2-xl, where
+    transformers' CPU init, a checkpoint and load_shard took minutes. Timing needs no training."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from serve_tp.model.shard import shard_gpt2
+
+    config = GPT2Config.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    shard = shard_gpt2(model, world_size, rank).to(getattr(torch, dtype_name)).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    with torch.no_grad():
+        for name, tensor in shard.named_parameters():
+            if ".ln_" in name or name.startswith("ln_f"):
+                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                tensor.normal_(0.0, 0.02, generator=gen)
+    return shard
+
+
+def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context):
     """Rank 0's timings, or raise with the first rank's traceback (or a timeout)."""
     from serve_tp.engine.distributed import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=rank_main, args=(r, tp, port, model_dir, dtype, batches, steps, out))
+    procs = [ctx.Process(target=rank_main, args=(r, tp, port, model_dir, dtype, batches, steps, out, variants, context))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -145,19 +185,15 @@ def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s):
 
 
 def ensure_shape_model(name: str, root: Path) -> Path:
-    """A random-weight model of `name`'s shape under root (built once; the device has no Hub)."""
-    from serve_tp.model.tiny_model import build_tiny_gpt2
+    """A config-only directory of `name`'s shape under root; the ranks make random weights
+    (random_shard): the device has no Hub, and timing needs no trained weights."""
+    from transformers import GPT2Config
 
     layers, heads, embd = SHAPES[name]
     path = root / name
-    if not (path / "config.json").is_file():
-        t = time.monotonic()
-        # Random weights, initialised on the GPU: timing needs the shape, not training (800
-        # CPU steps of gpt2-xl, the builder's default, ran past a whole device session).
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            build_tiny_gpt2(path, n_layer=layers, n_head=heads, n_embd=embd, n_positions=1024,
-                            model_vocab_size=50257, train_steps=0)
-        print(f"built {name}-shaped random model in {time.monotonic() - t:.0f}s: {path}", flush=True)
+    if not (path / RANDOM_MARK).is_file():
+        GPT2Config(n_layer=layers, n_head=heads, n_embd=embd, n_positions=1024, vocab_size=50257).save_pretrained(path)
+        (path / RANDOM_MARK).write_text("weights are drawn at random by each rank\n")
     return path
 
 
@@ -190,18 +226,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="one model directory (instead of --shapes)")
     parser.add_argument("--shapes", default=None, help=f"comma-separated, from {','.join(SHAPES)}")
-    parser.add_argument("--shape-dir", default="/tmp/gpt2-shapes", help="where --shapes models are built")
+    parser.add_argument("--shape-dir", default="/tmp/gpt2-shapes", help="where --shapes configs are written")
     parser.add_argument("--tp", default="2", help="comma-separated TP sizes, e.g. 1,2")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--context", type=int, default=None,
+                        help="KV-cache positions (default: the model's); fewer spans, fewer graphs to capture")
+    parser.add_argument("--all-reduce", default="nccl,symm_mem",
+                        help="decode all-reduce paths to time at TP>1: nccl, symm_mem (one run times each)")
+    parser.add_argument("--compile", default="off,on", help="compile_decode off, on, or both")
     parser.add_argument("--run-timeout-s", type=float, default=400, help="per (shape, TP) run")
-    parser.add_argument("--json", default=None, help="append one JSON line per (shape, TP, batch) to this file")
+    parser.add_argument("--time-limit-s", type=float, default=None, help="no (shape, TP) run starts after this")
+    parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
     args = parser.parse_args()
     if bool(args.model) == bool(args.shapes):
         parser.error("give --model DIR or --shapes NAMES")
     batches = [int(b) for b in args.batches.split(",")]
     tps = [int(t) for t in args.tp.split(",")]
+    compiles = [{"off": False, "on": True}[c] for c in args.compile.split(",")]
     if args.shapes:
         unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
         if unknown:
@@ -210,54 +253,79 @@ def main():
     common = {"dtype": args.dtype, "steps": args.steps, "gpu": _command(["nvidia-smi", "--query-gpu=name",
               "--format=csv,noheader,nounits", "-i", "0"]), "commit": _command(["git", "rev-parse", "--short", "HEAD"]),
               "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    lines = []
+    lines, began = [], time.monotonic()
     for name in names:
         model_dir = str(ensure_shape_model(name, Path(args.shape_dir))) if args.shapes else args.model
         layers, heads, embd = model_shape(model_dir)
+        context = args.context or json.loads(Path(model_dir, "config.json").read_text())["n_positions"]
         for tp in tps:
-            base = {"model": name, "layers": layers, "heads": heads, "embd": embd, "tp": tp, **common}
+            paths = args.all_reduce.split(",") if tp > 1 else ["nccl"]
+            variants = [(p, c) for p in paths for c in compiles]
+            base = {"model": name, "layers": layers, "heads": heads, "embd": embd, "tp": tp, "context": context,
+                    **common}
             skipped = split_refusal(heads, embd, tp)
             results = None
             if skipped is None and tp > torch.cuda.device_count():
                 skipped = f"TP={tp} needs {tp} GPUs; {torch.cuda.device_count()} visible"
+            if skipped is None and args.time_limit_s and time.monotonic() - began > args.time_limit_s:
+                skipped = f"time limit {args.time_limit_s:.0f}s reached"
             if skipped is None:
                 t = time.monotonic()
                 try:
-                    results = run_ranks(model_dir, tp, args.dtype, batches, args.steps, args.run_timeout_s)
+                    results = run_ranks(model_dir, tp, args.dtype, batches, args.steps, args.run_timeout_s,
+                                        variants, context)
                 except RuntimeError as exc:
                     skipped = str(exc).strip().splitlines()[-1]
                     print(f"{name} TP={tp} failed:\n{exc}", flush=True)
                 base["run_s"] = round(time.monotonic() - t, 1)
-            if skipped:
-                print(f"skip {name} TP={tp}: {skipped}", flush=True)
-                rows = [{**base, "batch": b, "graph_ms": None, "eager_ms": None, "skipped": skipped} for b in batches]
-            else:
-                print(f"\n{name} TP={tp}: graph capture {results['capture_s_True']:.2f}s; plan broadcast "
-                      f"({max(batches)} tokens): {results['broadcast']:.3f} ms "
-                      f"(shared-memory ring; {results['broadcast_gloo']:.3f} ms over gloo)", flush=True)
-                rows = [{**base, "batch": b, "graph_ms": round(results[(True, b)], 4),
-                         "eager_ms": round(results[(False, b)], 4), "prefill_ms": round(results[("prefill", b)], 2),
-                         "capture_s": round(results["capture_s_True"], 2), "broadcast_ms": round(results["broadcast"], 4),
-                         "broadcast_gloo_ms": round(results["broadcast_gloo"], 4)}
-                        for b in batches]
+            rows = []
+            for path, compiled in variants:
+                row = {**base, "compile": compiled}
+                label = None if results is None else results["paths"].get((path, compiled))
+                why = skipped or (label if label and label.startswith("skipped") else None)
+                if why:
+                    rows += [{**row, "batch": b, "decode_all_reduce": path, "graph_ms": None, "eager_ms": None,
+                              "skipped": why} for b in batches]
+                    continue
+                v = (path, compiled)
+                rows += [{**row, "batch": b, "decode_all_reduce": label, "graph_ms": round(results[(v, True, b)], 4),
+                          "eager_ms": round(results[(v, False, b)], 4),
+                          "prefill_ms": round(results[(v, "prefill", b)], 2),
+                          "capture_s": round(results[(v, "capture_s", True)], 2),
+                          "broadcast_ms": round(results["broadcast"], 4)} for b in batches]
+            print("\n".join(markdown(rows).splitlines()[2:]), flush=True)
             lines += rows
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.json, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("\n" + markdown(lines))
+    print("\n" + markdown(lines) + "\n\n" + ratios(lines))
 
 
 def markdown(rows) -> str:
-    out = ["| model | layers | heads | embd | TP | dtype | batch | decode ms/step, CUDA graph "
-           "| decode ms/step, eager | prefill ms (32 tokens each) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | decode ms/step, "
+           "CUDA graph | decode ms/step, eager | prefill ms (32 tokens each) | capture s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
-            cells = ["skipped: " + r["skipped"][:120], "", ""]
+            cells = ["skipped: " + r["skipped"][:120], "", "", ""]
         else:
-            cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['prefill_ms']:.1f}"]
+            cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
         out.append(f"| {r['model']} | {r['layers']} | {r['heads']} | {r['embd']} | {r['tp']} | {r['dtype']} "
-                   f"| {r['batch']} | " + " | ".join(cells) + " |")
+                   f"| {r['batch']} | {r['decode_all_reduce']} | {'on' if r['compile'] else 'off'} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def ratios(rows) -> str:
+    """TP=2 step over TP=1 step (CUDA graphs), per shape, batch, all-reduce path and compile."""
+    one = {(r["model"], r["batch"], r["compile"]): r["graph_ms"] for r in rows if r["tp"] == 1 and r["graph_ms"]}
+    out = ["| model | batch | TP=2 all-reduce | compiled | TP=1 ms | TP=2 ms | TP=2 / TP=1 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = one.get((r["model"], r["batch"], r["compile"]))
+        if r["tp"] == 2 and r["graph_ms"] and base:
+            out.append(f"| {r['model']} | {r['batch']} | {r['decode_all_reduce']} | {'on' if r['compile'] else 'off'} "
+                       f"| {base:.3f} | {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
     return "\n".join(out)
 
 

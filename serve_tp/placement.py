@@ -75,6 +75,19 @@ def resolve_plan_channel(config: ServeTPConfig, device: str, bundle_nodes: Optio
     return "shm" if one_node and device == "cuda" else "gloo"
 
 
+def resolve_gpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
+    """What the ranks are told about the decode all-reduce: symmetric memory maps peers'
+    GPU memory, so it needs every rank on one node; elsewhere NCCL."""
+    if device != "cuda" or config.gpu_all_reduce == "nccl" or config.tensor_parallel_size == 1:
+        return "nccl"
+    if ranks_share_one_node(config, bundle_nodes):
+        return config.gpu_all_reduce
+    if config.gpu_all_reduce == "symm_mem":
+        raise ValueError(f"gpu_all_reduce symm_mem needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
+                         f"use STRICT_PACK, or gpu_all_reduce auto or nccl")
+    return "nccl"
+
+
 def deployment_placement(config: ServeTPConfig, device: str) -> dict:
     """The Serve deployment options that place a replica.
 

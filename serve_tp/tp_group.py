@@ -15,7 +15,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
 from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
-from serve_tp.placement import rank_bundle_index, rank_resources, resolve_cpu_all_reduce, resolve_plan_channel
+from serve_tp.placement import (
+    rank_bundle_index, rank_resources, resolve_cpu_all_reduce, resolve_gpu_all_reduce, resolve_plan_channel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class TPGroup:
             sampleable_vocab=sampleable_vocab,
             cpu_all_reduce=resolve_cpu_all_reduce(config, device, bundle_nodes),
             plan_channel=resolve_plan_channel(config, device, bundle_nodes),
+            gpu_all_reduce=resolve_gpu_all_reduce(config, device, bundle_nodes),
+            compile_decode=config.compile_decode and device == "cuda",
         )
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)

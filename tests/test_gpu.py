@@ -146,3 +146,45 @@ def test_http_app_fp32_matches_one_process(ray_cluster, gpu_model, prompts, fp32
     finally:
         serve.delete("serve_tp_gpu")
     assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in fp32_reference]
+
+
+def _tokens_and_info(gpu_model, prompts, dtype, **settings):
+    from tests.tp_ranks import Script, run_tp_script
+
+    got = run_tp_script(gpu_model, 2, Script.together(prompts, STEPS), "cuda", dtype, True, **settings)
+    out, info = got[0]
+    seqs = [out[str(i)] for i in range(len(prompts))]
+    other = [got[1][0][str(i)].tokens for i in range(len(prompts))]
+    import numpy as np
+
+    every_step = torch.from_numpy(np.stack([np.stack(s.logits) for s in seqs]))  # prefill, then decode steps
+    return [s.tokens for s in seqs], every_step, other, info
+
+
+def test_fp32_symm_mem_all_reduce_matches_one_process(gpu_model, prompts, fp32_reference):
+    """The decode step's symmetric-memory all-reduce, in CUDA graphs: one process's tokens."""
+    tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="symm_mem")
+    assert info["decode_all_reduce"].startswith("symm_mem"), info
+    assert tokens == fp32_reference, [first_divergence(a, b) for a, b in zip(tokens, fp32_reference)]
+    assert other == tokens
+
+
+def test_fp16_symm_mem_all_reduce_is_bitwise_nccl(gpu_model, prompts):
+    """fp16 staged in float32 and rounded once is NCCL's correctly rounded two-rank sum:
+    the same tokens and, first, the same logits bit for bit (control: NCCL against itself)."""
+    nccl_tokens, nccl_logits, _, nccl_info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl")
+    again_tokens, again_logits, _, _ = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl")
+    tokens, logits, other, info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="symm_mem")
+    assert nccl_info["decode_all_reduce"].startswith("nccl") and "float32 staging" in info["decode_all_reduce"]
+    assert torch.equal(again_logits, nccl_logits), "control: NCCL is not deterministic run to run here"
+    assert torch.equal(logits, nccl_logits)
+    assert tokens == nccl_tokens and other == tokens
+
+
+def test_compiled_decode_fp32_matches_one_process(gpu_model, prompts, fp32_reference):
+    """torch.compile'd decode pieces captured in our CUDA graphs, over symmetric memory."""
+    tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="auto",
+                                              compile_decode=True)
+    assert info["compiled_decode"] is True
+    assert tokens == fp32_reference, [first_divergence(a, b) for a, b in zip(tokens, fp32_reference)]
+    assert other == tokens

@@ -118,7 +118,7 @@ def _play_chunked(batch, script, results, record, wanted, spans):
 
 
 def _rank_main(rank, world_size, port, model_dir, script, results, device_type, dtype, cuda_graphs,
-               cpu_all_reduce):
+               cpu_all_reduce, extra=None):
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def _rank_main(rank, world_size, port, model_dir, script, results, device_type, 
         settings = RankSettings(
             model=model_dir, served_model_name="tp-test", device=device_type, dtype=dtype,
             max_batch_size=script.slots or len(script.arrivals), context_length=context,
-            cuda_graphs=cuda_graphs, collective_timeout_s=120, cpu_all_reduce=cpu_all_reduce,
+            cuda_graphs=cuda_graphs, collective_timeout_s=120, cpu_all_reduce=cpu_all_reduce, **(extra or {}),
         )
         setup = setup_rank(rank, world_size, "127.0.0.1", port, settings,
                            cuda_index=rank if device_type == "cuda" else 0)
@@ -141,18 +141,18 @@ def _rank_main(rank, world_size, port, model_dir, script, results, device_type, 
 
 def run_tp_script(model_dir: str, world_size: int, script: Script, device: str = "cpu",
                   dtype: str = "float32", cuda_graphs: bool = True,
-                  cpu_all_reduce: str = "auto") -> dict[int, tuple[dict, dict]]:
+                  cpu_all_reduce: str = "auto", **settings) -> dict[int, tuple[dict, dict]]:
     """{rank: (results by seq_id, rank info)}; any rank's failure is raised.
 
     The ranks share this machine, so "auto" sums in shared memory where DeepSpeed can, as
-    the app does."""
+    the app does. `settings`: more RankSettings fields (gpu_all_reduce=..., compile_decode=...)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port("127.0.0.1")
     procs = [
         ctx.Process(target=_rank_main,
                     args=(r, world_size, port, model_dir, script, results, device, dtype, cuda_graphs,
-                          cpu_all_reduce))
+                          cpu_all_reduce, settings))
         for r in range(world_size)
     ]
     for p in procs:
@@ -180,9 +180,10 @@ def run_tp_script(model_dir: str, world_size: int, script: Script, device: str =
 
 
 def run_tp(model_dir: str, world_size: int, prompts: list[list[int]], steps: int,
-           device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True):
+           device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True, **settings):
     """Prompts decoded together for `steps` tokens: {rank: (tokens per prompt, first-step logits)}."""
-    got = run_tp_script(model_dir, world_size, Script.together(prompts, steps), device, dtype, cuda_graphs)
+    got = run_tp_script(model_dir, world_size, Script.together(prompts, steps), device, dtype, cuda_graphs,
+                        **settings)
     by_rank = {}
     for rank, (out, _) in got.items():
         seqs = [out[str(i)] for i in range(len(prompts))]

@@ -94,8 +94,10 @@ class DecodeRunner:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        # compiled pieces (compile_decode) compile on first sight of a shape: every bucket once
+        warm = self.batches if getattr(self.forward, "compiled", None) is not None else (self.batches[-1], 1)
         with torch.cuda.stream(side):  # warm-up: lazy inits (cuBLAS handles, NCCL) stay out of the graphs
-            for batch in (self.batches[-1], 1):
+            for batch in warm:
                 self._eager(batch, self.spans[-1])
         torch.cuda.current_stream().wait_stream(side)
         for batch in reversed(self.batches):

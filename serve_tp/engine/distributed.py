@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 import torch
 
+from serve_tp.engine.fast_all_reduce import multicast_off_environment
 from serve_tp.engine.plan_channel import PlanRing, open_ring
 from serve_tp.engine.shm_all_reduce import (
     CollectiveWatchdog, prepare_environment, shm_unavailable, unlink_own_segment,
@@ -158,6 +159,8 @@ def init_tp_comm(
         return TPComm(rank, 1, None)
     import deepspeed
 
+    if backend == "nccl":  # before NCCL or symmetric memory read them
+        multicast_off_environment()
     want_shm = backend == "gloo" and cpu_all_reduce in ("auto", "shm")
     prepare_environment(want_shm, world_size, address, port)
     os.environ["LOCAL_RANK"] = str(cuda_index)

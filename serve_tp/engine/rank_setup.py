@@ -15,6 +15,7 @@ import torch
 
 from serve_tp.engine.batch import SequenceBatch
 from serve_tp.engine.distributed import TPComm, init_tp_comm
+from serve_tp.engine.fast_all_reduce import setup_decode_all_reduce
 from serve_tp.messages import RankSettings
 from serve_tp.model.forward import GPT2Forward
 from serve_tp.model.loader import load_shard
@@ -38,6 +39,7 @@ class RankSetup:
     forward: GPT2Forward
     batch: SequenceBatch
     load_s: float
+    decode_all_reduce: str = "none"  # what sums inside a decode step, and why (fast_all_reduce.py)
 
     @property
     def eos_token_id(self):
@@ -50,11 +52,13 @@ class RankSetup:
             "device": str(self.device),
             "backend": self.backend,
             "all_reduce": self.comm.all_reduce_kind,
+            "decode_all_reduce": self.decode_all_reduce,
             "plan_channel": self.comm.plan_channel,
             "dtype": str(self.shard.dtype).removeprefix("torch."),
             "heads": self.shard.plan.heads,
             "kv_cache_mib": round(self.batch.cache.nbytes / 2**20, 1),
             "cuda_graphs": self.batch.runner.graph_count,
+            "compiled_decode": self.forward.compiled is not None,
             "load_s": round(self.load_s, 2),
         }
 
@@ -85,10 +89,16 @@ def setup_rank(rank: int, world_size: int, address: str, port: int, settings: Ra
                         cpu_all_reduce=settings.cpu_all_reduce, shm_timeout_s=settings.stall_timeout_s,
                         plan_channel=settings.plan_channel)
     shard = load_shard(model_dir, settings.dtype, device, rank, world_size)
-    forward = GPT2Forward(shard, comm.all_reduce)
+    decode_sum, decode_path = None, comm.all_reduce_kind
+    if device.type == "cuda":
+        decode_sum, decode_path = setup_decode_all_reduce(
+            settings.gpu_all_reduce, rank, world_size, device, shard.dtype, settings.max_batch_size,
+            shard.config.n_embd, comm.control_group)
+    forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=decode_sum,
+                          compile_decode=settings.compile_decode)
     batch = SequenceBatch(forward, settings.max_batch_size, settings.context_length, cuda_graphs=settings.cuda_graphs)
     batch.capture()
     setup = RankSetup(rank, world_size, device, backend, model_dir, comm, shard, forward, batch,
-                      time.monotonic() - started)
+                      time.monotonic() - started, decode_path)
     logger.info("rank %d/%d ready: %s", rank, world_size, setup.info())
     return setup

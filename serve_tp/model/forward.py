@@ -10,15 +10,28 @@ one head), and the row-parallel outputs are summed with the group's all-reduce.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 
+logger = logging.getLogger(__name__)
+
 AllReduce = Callable[[torch.Tensor], None]
+
+
+class DecodeAllReduce(Protocol):
+    """A sum over the ranks for decode-sized partials (serve_tp/engine/fast_all_reduce.py)."""
+
+    def fits(self, rows: int, width: int) -> bool: ...
+
+    def target(self, rows: int, width: int) -> Optional[torch.Tensor]: ...
+
+    def __call__(self, partial: torch.Tensor, cast: bool = True) -> torch.Tensor: ...
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -44,7 +57,8 @@ def attention_scales(config, num_layers: int, head_dim: int) -> list[float]:
 class GPT2Forward:
     """Prefill and decode of one rank's GPT-2 shard into slots of a `KVCache`."""
 
-    def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None):
+    def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
+                 decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: bool = False):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -55,6 +69,8 @@ class GPT2Forward:
         self.world_size = plan.world_size
         self.rank = plan.rank
         self.all_reduce = all_reduce
+        # the decode step's faster all-reduce (fast_all_reduce.py), None: `all_reduce` there too
+        self.decode_all_reduce = decode_all_reduce
         self.wte, self.wpe = shard.wte, shard.wpe
         self.ln_f = shard.ln_f
         self.lm_head = shard.vocab_projection
@@ -62,25 +78,47 @@ class GPT2Forward:
         self.device, self.dtype = shard.device, shard.dtype
         self.blocks: list[BlockShard] = list(shard.blocks)
         self.scales = attention_scales(shard.config, self.num_layers, self.head_dim)
+        self.compiled = None  # torch.compile'd pieces of decode (compiled.py), when asked and possible
+        if compile_decode:
+            from serve_tp.model.compiled import compiled_pieces, gelu_approximation
+
+            self.gelu = gelu_approximation(shard.config.activation_function)
+            if self.gelu is None:
+                logger.warning("compile_decode: activation %s is not a GELU; decode stays eager",
+                               shard.config.activation_function)
+            else:
+                self.compiled = compiled_pieces()
 
     def new_cache(self, slots: int, max_len: int) -> "KVCache":
         return KVCache(self.num_layers, slots, self.num_heads, max_len, self.head_dim, self.dtype, self.device)
 
     # ---- pieces shared by prefill and decode ----
-    def _row_parallel(self, x: torch.Tensor, linear: Conv1DWeights) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: Conv1DWeights, decode: bool = False,
+                      cast: bool = True) -> torch.Tensor:
         """x @ W summed over the ranks. Rank 0 adds the bias inside its GEMM, so the sum
-        holds it exactly once without a separate kernel."""
-        if self.rank == 0:
-            out = torch.addmm(linear.bias, x, linear.weight)
-        else:
-            out = torch.mm(x, linear.weight)
+        holds it exactly once without a separate kernel.
+
+        In a decode step the sum may go through `decode_all_reduce`, whose result is only
+        valid until its next call (callers add it to the residual at once); `cast=False`
+        leaves it in the dtype it was summed in (float32 for fp16 staging)."""
+        fast = self.decode_all_reduce if decode and self.world_size > 1 else None
+        rows, width = x.shape[0], linear.weight.shape[1]
+        if fast is not None and fast.fits(rows, width):
+            return fast(self._project(x, linear, fast.target(rows, width)), cast)
+        out = self._project(x, linear)
         if self.world_size > 1:
             self.all_reduce(out)
         return out
 
-    def _mlp(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, linear: Conv1DWeights, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's partial x @ W (+ bias on rank 0), into `out` when given."""
+        if self.rank == 0:
+            return torch.addmm(linear.bias, x, linear.weight, out=out)
+        return torch.mm(x, linear.weight, out=out)
+
+    def _mlp(self, block: BlockShard, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
         x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
-        return h + self._row_parallel(x, block.mlp_proj)
+        return h + self._row_parallel(x, block.mlp_proj, decode)
 
     def _qkv(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
         """[tokens, E] -> [tokens, 3, heads, head_dim]."""
@@ -167,17 +205,45 @@ class GPT2Forward:
         mask = torch.zeros((batch, 1, 1, span), dtype=self.dtype, device=self.device)
         mask.masked_fill_(hidden.view(batch, 1, 1, span), float("-inf"))
         h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
-        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales)):
-            qkv = self._qkv(block, h)  # [B, 3, heads, D]
-            kv = cache.kv[layer]
-            kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
-            attn = F.scaled_dot_product_attention(
-                qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span],
-                attn_mask=mask, scale=scale,
-            )
-            h = h + self._row_parallel(attn.reshape(batch, -1), block.attn_proj)
-            h = self._mlp(block, h)
+        if self.compiled is not None:
+            return self._decode_compiled(cache, h, rows, positions, mask, span)
+        for layer, block in enumerate(self.blocks):
+            attn = self._attend(cache, layer, self._qkv(block, h), rows, positions, mask, span)
+            h = h + self._row_parallel(attn, block.attn_proj, decode=True)
+            h = self._mlp(block, h, decode=True)
         return self._logits(h)
+
+    def _attend(self, cache: "KVCache", layer: int, qkv: torch.Tensor, rows, positions, mask, span: int):
+        """Store this token's K/V in its slot, attend over the first `span` positions: [B, heads * D]."""
+        batch = qkv.shape[0]
+        kv = cache.kv[layer]
+        kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
+        attn = F.scaled_dot_product_attention(
+            qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span],
+            attn_mask=mask, scale=self.scales[layer],
+        )
+        return attn.reshape(batch, -1)
+
+    def _decode_compiled(self, cache: "KVCache", h, rows, positions, mask, span: int) -> torch.Tensor:
+        """decode() with the pieces between GEMMs and all-reduces compiled (compiled.py).
+
+        Each sum is handed on un-cast and added to the residual inside the next piece."""
+        from serve_tp.model.compiled import batch_dynamic
+
+        pieces, batch, total = self.compiled, h.shape[0], None
+        for layer, block in enumerate(self.blocks):
+            batch_dynamic(h, total)
+            h, qkv = pieces.attention_input(h, total, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps,
+                                            block.c_attn.weight, block.c_attn.bias)
+            attn = self._attend(cache, layer, qkv.view(batch, 3, self.num_heads, self.head_dim), rows, positions,
+                                mask, span)
+            total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False)
+            batch_dynamic(h, total)
+            h, x = pieces.mlp_input(h, total, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
+                                    block.c_fc.weight, block.c_fc.bias, self.gelu)
+            total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False)
+        batch_dynamic(h, total)
+        return F.linear(pieces.final_norm(h, total, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.lm_head)
 
 
 class KVCache:

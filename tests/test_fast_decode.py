@@ -1,0 +1,107 @@
+"""The decode step's fast paths on CPU: which all-reduce a rank picks, and compiled decode's tokens.
+
+The symmetric-memory all-reduce itself needs GPUs (tests/test_gpu.py); here is the logic
+that decides whether every rank takes it, which must never let ranks disagree, and the
+torch.compile'd decode step (Inductor's CPU backend) against the eager one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from serve_tp.config import ServeTPConfig
+from serve_tp.engine.fast_all_reduce import (
+    MAX_BUFFER_BYTES, MULTICAST_OFF, buffer_elements, choose_decode_all_reduce, multicast_off_environment,
+    setup_decode_all_reduce, sum_dtype,
+)
+from serve_tp.placement import resolve_gpu_all_reduce
+
+CPU = torch.device("cpu")
+
+
+def test_fp16_is_summed_in_float32_others_in_their_own_dtype():
+    assert sum_dtype(torch.float16) == torch.float32
+    assert sum_dtype(torch.bfloat16) == torch.bfloat16
+    assert sum_dtype(torch.float32) == torch.float32
+
+
+def test_buffer_holds_the_largest_decode_step_within_the_cap():
+    assert buffer_elements(256, 1600, torch.float16) == 256 * 1600  # 1.6 MB of float32
+    assert buffer_elements(2048, 1600, torch.float32) == MAX_BUFFER_BYTES // 4  # 13 MB: capped
+    assert buffer_elements(1024, 1600, torch.bfloat16) == 1024 * 1600  # 3.3 MB of bf16 fits
+
+
+def test_path_choice_before_the_vote():
+    assert choose_decode_all_reduce("auto", 1, CPU) == (False, "one rank")
+    assert choose_decode_all_reduce("nccl", 2, CPU) == (False, "gpu_all_reduce=nccl")
+    want, why = choose_decode_all_reduce("auto", 2, CPU)
+    assert not want and "cpu" in why
+    with pytest.raises(RuntimeError, match="gpu_all_reduce=symm_mem"):
+        choose_decode_all_reduce("symm_mem", 2, CPU)
+
+
+def test_setup_without_a_group_when_nothing_to_vote_on():
+    """One rank, or nccl asked: no collective is entered (control=None would fail if it were)."""
+    assert setup_decode_all_reduce("auto", 0, 1, CPU, torch.float16, 8, 64, None) == (None, "none (one rank)")
+    reduce, why = setup_decode_all_reduce("nccl", 1, 2, CPU, torch.float16, 8, 64, None)
+    assert reduce is None and why.startswith("nccl")
+
+
+def test_multicast_stays_off_whatever_was_inherited(monkeypatch):
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    multicast_off_environment()
+    assert {k: os.environ[k] for k in MULTICAST_OFF} == MULTICAST_OFF
+
+
+@pytest.mark.parametrize("setting,nodes,device,expected", [
+    ("auto", {1: "a", 2: "a"}, "cuda", "auto"),
+    ("auto", {1: "a", 2: "b"}, "cuda", "nccl"),
+    ("symm_mem", {1: "a", 2: "a"}, "cuda", "symm_mem"),
+    ("nccl", {1: "a", 2: "a"}, "cuda", "nccl"),
+    ("auto", {1: "a", 2: "a"}, "cpu", "nccl"),
+])
+def test_replica_resolves_the_setting_from_placement(setting, nodes, device, expected):
+    config = ServeTPConfig(model="gpt2", tensor_parallel_size=2, gpu_all_reduce=setting)
+    assert resolve_gpu_all_reduce(config, device, nodes) == expected
+
+
+def test_symm_mem_across_nodes_is_refused_at_build():
+    config = ServeTPConfig(model="gpt2", tensor_parallel_size=2, gpu_all_reduce="symm_mem")
+    with pytest.raises(ValueError, match="one node"):
+        resolve_gpu_all_reduce(config, "cuda", {1: "a", 2: "b"})
+
+
+def _greedy(forward, steps=8):
+    from serve_tp.engine.batch import SequenceBatch
+
+    batch = SequenceBatch(forward, 4, 64, cuda_graphs=False)
+    logits, _ = batch.admit(["a", "b", "c", "d"], [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [13]])
+    tokens, every = [logits.argmax(-1).tolist()], []
+    for _ in range(steps):  # batch 4 then 1..3 as rows leave: both compiled graphs (batch 1, dynamic)
+        logits = batch.decode(tokens[-1])
+        every.append(logits)
+        tokens.append(logits.argmax(-1).tolist())
+    batch.evict(["a", "b", "c"])
+    logits = batch.decode([tokens[-1][3]])
+    return tokens + [logits.argmax(-1).tolist()], torch.cat(every + [logits])
+
+
+def test_compiled_decode_gives_eager_tokens(tiny_model_dir):
+    """Inductor's fused layer norms and adds against the eager step; control: the eager
+    step in float64, what fp32 rounding alone moves the logits by."""
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.model.loader import load_shard
+
+    shard = load_shard(tiny_model_dir, "float32", CPU, 0, 1)
+    eager_tokens, eager = _greedy(GPT2Forward(shard))
+    compiled_forward = GPT2Forward(shard, compile_decode=True)
+    assert compiled_forward.compiled is not None
+    tokens, compiled = _greedy(compiled_forward)
+    exact_tokens, exact = _greedy(GPT2Forward(shard.double()))
+    control = (eager.double() - exact).abs().max().item()
+    assert tokens == eager_tokens == exact_tokens
+    assert (compiled.double() - eager.double()).abs().max().item() <= 10 * control + 1e-6, control
