@@ -59,9 +59,9 @@ def _time(fn, steps):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def rank_main(rank, world, port, model_dir, dtype, batches, steps, out):
+def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context):
     try:
-        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out)
+        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context)
     except BaseException:  # the parent must hear of it, not wait for a result that never comes
         out.put(("error", rank, traceback.format_exc()))
 

@@ -99,5 +99,6 @@ def test_gpu_profile_skips_a_split_the_sharding_refuses():
     assert profile.split_refusal(heads, embd, 1) is None
     assert all(profile.split_refusal(h, e, 2) is None for name, (_, h, e) in profile.SHAPES.items() if name != "gpt2-xl")
     row = {"model": "gpt2-xl", "layers": layers, "heads": heads, "embd": embd, "tp": 2, "dtype": "float16",
-           "batch": 1, "graph_ms": None, "eager_ms": None, "skipped": refusal}
-    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | skipped: {refusal}" in profile.markdown([row])
+           "batch": 1, "decode_all_reduce": "nccl", "compile": False, "graph_ms": None, "eager_ms": None,
+           "skipped": refusal}
+    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | nccl | off | skipped: {refusal}" in profile.markdown([row])
