@@ -102,6 +102,18 @@ class ServeTPConfig(BaseModel):
         0.002, ge=0, le=1, description="How long an idle engine waits to gather a batch."
     )
 
+    stream_batching_interval_ms: float = Field(
+        50, ge=0, le=1000, description="Under load, each sequence hands its stream at most one chunk "
+        "per this many ms, carrying every token decoded meanwhile (Ray Serve LLM's "
+        "stream_batching_interval_ms, also 50 by default): fewer chunks, less proxy and replica CPU "
+        "per token. A sequence's first output and its end are never held back. 0: every output "
+        "as rank 0 delivers it."
+    )
+    stream_batching_min_streams: int = Field(
+        8, ge=1, description="Sequences in flight on the replica from which stream batching applies; "
+        "with fewer, every output goes out as it comes (a lone user's tokens are not bunched)."
+    )
+
     cuda_graphs: bool = Field(
         True, description="Replay decode steps as CUDA graphs (GPU only): one launch per step "
         "instead of hundreds. Off: eager kernels, for debugging."
