@@ -103,11 +103,12 @@ class ServeTPConfig(BaseModel):
     )
 
     stream_batching_interval_ms: float = Field(
-        50, ge=0, le=1000, description="Under load, each sequence hands its stream at most one chunk "
+        0, ge=0, le=1000, description="Under load, each sequence hands its stream at most one chunk "
         "per this many ms, carrying every token decoded meanwhile (Ray Serve LLM's "
-        "stream_batching_interval_ms, also 50 by default): fewer chunks, less proxy and replica CPU "
-        "per token. A sequence's first output and its end are never held back. 0: every output "
-        "as rank 0 delivers it."
+        "stream_batching_interval_ms, 50 there). A sequence's first output and its end are never "
+        "held back. 0 (default): no pacing; a chunk still carries every output that queued while "
+        "the previous one was sent, which on CPU already halves the chunks at 16+ users and "
+        "measured better than 50 ms pacing (BENCHMARKS.md, 'Where the time goes on the HTTP path')."
     )
     stream_batching_min_streams: int = Field(
         8, ge=1, description="Sequences in flight on the replica from which stream batching applies; "
