@@ -107,8 +107,8 @@ class ServeTPConfig(BaseModel):
         "per this many ms, carrying every token decoded meanwhile (Ray Serve LLM's "
         "stream_batching_interval_ms, 50 there). A sequence's first output and its end are never "
         "held back. 0 (default): no pacing; a chunk still carries every output that queued while "
-        "the previous one was sent, which on CPU already halves the chunks at 16+ users and "
-        "measured better than 50 ms pacing (BENCHMARKS.md, 'Where the time goes on the HTTP path')."
+        "the previous one was sent. On CPU, 50 ms cut chunks 2-4x at 16-64 users with tokens/s "
+        "within noise (BENCHMARKS.md, 'Where the time goes on the HTTP path')."
     )
     stream_batching_min_streams: int = Field(
         8, ge=1, description="Sequences in flight on the replica from which stream batching applies; "
