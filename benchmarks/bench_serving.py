@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `serve_t
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import plan, report, runner, workload  # noqa: E402
+from benchmarks import apps as apps_module  # noqa: E402
 from benchmarks.apps import Apps  # noqa: E402
 
 logger = logging.getLogger("bench_serving")
@@ -102,6 +103,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="extra build_app arg for --start-serve-tp (repeatable), e.g. max_batch_size=64")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto) to start apps on; default: start a local one")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the Ray cluster this script starts (the Serve controller, proxy and "
+                        "replicas read it), e.g. RAY_SERVE_ENABLE_HA_PROXY=1; also read from $SERVE_ENV "
+                        "(space-separated). With RAY_SERVE_ENABLE_DIRECT_INGRESS=1 alone, requests go to the "
+                        "replica's own port, past the proxy")
+    p.add_argument("--cpu-profile", action="store_true",
+                   help="serve_tp on this machine: CPU ms per request and per chunk of the proxy, replica, "
+                        "ranks and this client, per level (benchmarks/proc_cpu.py)")
     p.add_argument("--serve-port", type=int, default=8000, help="HTTP port when this script starts Serve")
     p.add_argument("--api-key", default=os.environ.get("SERVE_TP_API_KEY"),
                    help="sent as `Authorization: Bearer` (default: $SERVE_TP_API_KEY, as serve_tp reads it)")
@@ -135,6 +144,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if "realistic" in args.workload and not args.model:
         p.error("the realistic workload cuts token-exact prompts with the model's tokenizer: give --model DIR "
                 "(or --workload fixed)")
+    try:
+        args.serve_env = apps_module.parse_serve_env(args.serve_env, os.environ.get("SERVE_ENV", ""))
+    except ValueError as exc:
+        p.error(str(exc))
     if args.served_model_name is None and args.model:
         args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
     return args
@@ -210,6 +223,7 @@ def run_header(args: argparse.Namespace, n_prompt: Optional[int]) -> dict:
         "concurrency": ",".join(map(str, args.concurrency)),
         "request_rates": ",".join(f"{r:g}" for r in args.request_rate), "rate_duration_s": args.rate_duration_s,
         "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+        "serve_env": args.serve_env, "serve_tp_args": args.serve_tp_arg, "command": " ".join(sys.argv),
         "max_model_len": {},
     }
 

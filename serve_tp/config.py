@@ -118,6 +118,20 @@ class ServeTPConfig(BaseModel):
         "a step's cost, so every stream's time per token, stays bounded as long prompts arrive. Lower it "
         "for steadier TPOT under heavy prompt traffic, raise it for faster TTFT when prompts are rare."
     )
+
+    stream_batching_interval_ms: float = Field(
+        0, ge=0, le=1000, description="Under load, each sequence hands its stream at most one chunk "
+        "per this many ms, carrying every token decoded meanwhile (Ray Serve LLM's "
+        "stream_batching_interval_ms, 50 there). A sequence's first output and its end are never "
+        "held back. 0 (default): no pacing; a chunk still carries every output that queued while "
+        "the previous one was sent. On CPU, 50 ms cut chunks 2-4x at 16-64 users with tokens/s "
+        "within noise (BENCHMARKS.md, 'Where the time goes on the HTTP path')."
+    )
+    stream_batching_min_streams: int = Field(
+        8, ge=1, description="Sequences in flight on the replica from which stream batching applies; "
+        "with fewer, every output goes out as it comes (a lone user's tokens are not bunched)."
+    )
+
     cuda_graphs: bool = Field(
         True, description="Replay decode steps as CUDA graphs (GPU only): one launch per step "
         "instead of hundreds. Off: eager kernels, for debugging."

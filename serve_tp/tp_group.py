@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
 from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
+from serve_tp.outbox import Outbox
 from serve_tp.placement import (
     rank_bundle_index, rank_resources, resolve_cpu_all_reduce, resolve_gpu_all_reduce, resolve_plan_channel,
 )
@@ -27,20 +28,6 @@ POLL_TIMEOUT_S = 0.5  # an idle poll returns empty this often, so the poller not
 
 class RankFailure(RuntimeError):
     """A rank died, failed, or did not answer in time."""
-
-
-def _coalesce(item, queue: asyncio.Queue):
-    """`item` merged with the outputs already queued behind it.
-
-    When the client side falls behind the engine (many streams), each chunk then carries
-    every token that is ready instead of one, so the stream catches up rather than lags.
-    """
-    while not isinstance(item, BaseException) and item.finish_reason is None and not queue.empty():
-        following = queue.get_nowait()
-        if isinstance(following, BaseException):
-            return following
-        item = item.merge(following)
-    return item
 
 
 class TPGroup:
@@ -96,7 +83,7 @@ class TPGroup:
                 ).remote(rank, config.tensor_parallel_size, settings)
             )
         self.rank_info: list[dict] = []
-        self._queues: dict[str, asyncio.Queue] = {}  # seq_id -> its outputs, filled by the poller
+        self._outboxes: dict[str, Outbox] = {}  # seq_id -> its outputs, filled by the poller
         self._poller: Optional[asyncio.Task] = None
         self._poll_failure: Optional[str] = None
         self.rank_healthy: list[bool] = [False] * config.tensor_parallel_size  # as of the last health()
@@ -118,8 +105,8 @@ class TPGroup:
         if self._poll_failure is not None:
             raise RankFailure(self._poll_failure)
         seq_id = request.seq_id
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[seq_id] = queue
+        outbox = Outbox(self._stream_interval_s)
+        self._outboxes[seq_id] = outbox
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll_loop())
         finished = False
@@ -129,30 +116,37 @@ class TPGroup:
             except ray.exceptions.RayError as exc:
                 raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
             while not finished:
-                item = _coalesce(await queue.get(), queue)
+                item = await outbox.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
                 yield item
         finally:
-            self._queues.pop(seq_id, None)
+            self._outboxes.pop(seq_id, None)
             if not finished:
                 self.cancel(seq_id)
 
     async def _poll_loop(self) -> None:
         """The replica's one reader of rank 0's outputs, fanned out to the waiting sequences."""
-        while self._queues:
+        while self._outboxes:
             try:
                 outputs = await self.workers[0].poll.remote(POLL_TIMEOUT_S)
             except ray.exceptions.RayError as exc:
                 self._poll_failure = f"rank 0 failed: {type(exc).__name__}"
-                for queue in self._queues.values():
-                    queue.put_nowait(RankFailure(self._poll_failure))
+                for outbox in self._outboxes.values():
+                    outbox.put(RankFailure(self._poll_failure))
                 return
             for seq_id, item in outputs.items():
-                queue = self._queues.get(seq_id)
-                if queue is not None:
-                    queue.put_nowait(item)
+                outbox = self._outboxes.get(seq_id)
+                if outbox is not None:
+                    outbox.put(item)
+
+    def _stream_interval_s(self) -> float:
+        """Least time between two outputs of one sequence: stream batching (serve_tp/outbox.py),
+        only while at least stream_batching_min_streams sequences are in flight here."""
+        if len(self._outboxes) < self.config.stream_batching_min_streams:
+            return 0.0
+        return self.config.stream_batching_interval_ms / 1000
 
     def cancel(self, seq_id: str) -> None:
         """Fire-and-forget: free the sequence's batch slot if it is still running."""
