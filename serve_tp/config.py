@@ -106,6 +106,11 @@ class ServeTPConfig(BaseModel):
         True, description="Replay decode steps as CUDA graphs (GPU only): one launch per step "
         "instead of hundreds. Off: eager kernels, for debugging."
     )
+    sampler_graphs: bool = Field(
+        True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
+        "logprobs) as CUDA graphs, one per batch size and feature set, captured on first reuse "
+        "(GPU only). Same tokens as eager; off: eager kernels, for debugging."
+    )
     max_model_len: Optional[int] = Field(
         None, ge=2, description="Longest prompt + completion in tokens; sizes the KV cache "
         "(max_batch_size slots of this many tokens per rank). Default and cap: the model's context."

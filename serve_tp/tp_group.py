@@ -63,6 +63,7 @@ class TPGroup:
             max_batch_size=config.max_batch_size,
             context_length=context_length,
             cuda_graphs=config.cuda_graphs,
+            sampler_graphs=config.sampler_graphs,
             batch_wait_timeout_s=config.batch_wait_timeout_s,
             collective_timeout_s=config.startup_timeout_s,
             stall_timeout_s=config.stall_timeout_s,

@@ -125,6 +125,9 @@ class Sampler:
         self.sampleable = sampleable_vocab if sampleable_vocab and sampleable_vocab < vocab_size else None
         self.graphs = SamplerGraphs(self.run_plan, self.state.layout) if graphs and device.type == "cuda" else None
         self.static_shapes = self.graphs is not None if static_shapes is None else static_shapes
+        self._plan_key: Optional[tuple] = None
+        self._plans: dict[tuple, SamplePlan] = {}
+        self._edit_needs = (False, False, False)
 
     # admit and move run in inference mode too: state made in it cannot change outside it.
     @torch.inference_mode()
@@ -168,10 +171,23 @@ class Sampler:
         return SampleResult(tokens, chosen, top_ids, top_values, self.state.host["logprobs"][:n].tolist())
 
     def plan(self, n: int, dtype: torch.dtype) -> SamplePlan:
-        """This step's host decisions for slots 0..n-1 (fixed shapes when `static_shapes`)."""
-        biased, banning, history = self.state.edits(n, full_history=self.static_shapes)
-        return plan_step(self.state.host[:n], dtype, vocab_size=self.vocab_size, biased=biased, banning=banning,
-                         history=history, avoid_host_sync=self.avoid_host_sync)
+        """This step's host decisions for slots 0..n-1 (fixed shapes when `static_shapes`).
+
+        Made from the host table once per (rows, params) and reused until an admit or a
+        move: only the min_tokens ban and the history length change from step to step.
+        """
+        key = (n, dtype, self.state.version)
+        if key != self._plan_key or len(self._plans) > 64:  # eager penalties: a plan per history length
+            self._plan_key, self._plans = key, {}
+            self._edit_needs = self.state.edit_needs(n)
+        edits = self.state.edits(n, full_history=self.static_shapes, needs=self._edit_needs)
+        plan = self._plans.get(edits)
+        if plan is None:
+            biased, banning, history = edits
+            plan = self._plans[edits] = plan_step(self.state.host[:n], dtype, vocab_size=self.vocab_size,
+                                                  biased=biased, banning=banning, history=history,
+                                                  avoid_host_sync=self.avoid_host_sync)
+        return plan
 
     def run_plan(self, plan: SamplePlan, logits: torch.Tensor) -> tuple:
         """The step's device chain: (tokens, logprob of each, top ids, top logprobs), Nones where

@@ -57,6 +57,7 @@ class SamplerGraphs:
         self._refused: set[SamplePlan] = set()
         self._warned_full = False
         self.capture_s = 0.0
+        self.replays = 0
 
     @property
     def count(self) -> int:
@@ -86,6 +87,7 @@ class SamplerGraphs:
                 return None
         captured.logits.copy_(logits)
         captured.graph.replay()
+        self.replays += 1
         return tuple(None if out is None else out.clone() for out in captured.outputs)
 
     def _capture(self, plan: SamplePlan, logits: torch.Tensor) -> Optional[_Captured]:

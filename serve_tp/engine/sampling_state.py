@@ -62,6 +62,7 @@ class SlotState:
         self.ban_ids: Optional[torch.Tensor] = None  # [slots, B]; unused columns repeat column 0
         self.history: Optional[torch.Tensor] = None  # [slots, context_length] prompt then output ids
         self.counts: Optional[torch.Tensor] = None  # [slots, V] how often each id was generated
+        self.version = 0  # bumped whenever a slot's params change (admit, move): cached plans stay valid until then
 
     # ---- per-row views ----
     def column(self, name: str, n: int) -> torch.Tensor:
@@ -78,6 +79,7 @@ class SlotState:
 
     # ---- slot lifecycle ----
     def admit(self, slot: int, p: SamplingParams, seed: int, prompt_ids: Sequence[int], bans: Sequence[int]) -> None:
+        self.version += 1
         greedy = p.temperature == 0
         top_k = p.top_k if 0 < p.top_k < self.vocab_size else 0
         min_tokens = p.min_tokens if bans else 0
@@ -116,6 +118,7 @@ class SlotState:
         self.bias_values[slot] = torch.tensor(list(bias.values()) + [0.0] * pad, dtype=torch.float32)
 
     def move(self, source: int, target: int) -> None:
+        self.version += 1
         for table in (self.floats, self.ints, self.bias_ids, self.bias_values, self.ban_ids, self.history, self.counts):
             if table is not None:
                 table[target] = table[source]
@@ -127,18 +130,26 @@ class SlotState:
         tables = (self.bias_ids, self.bias_values, self.ban_ids, self.history, self.counts)
         return tuple(0 if t is None else t.data_ptr() for t in tables)
 
-    def edits(self, n: int, full_history: bool = False) -> tuple[bool, bool, int]:
-        """(biased, banning, history columns) that rows 0..n-1 need from `process`.
+    def edit_needs(self, n: int) -> tuple[bool, bool, bool]:
+        """(biased, may ban, penalised) for rows 0..n-1: fixed until the next admit or move."""
+        host = self.host[:n]
+        return (self.bias_ids is not None and bool(host["biased"].any()),
+                self.ban_ids is not None and bool((host["min_tokens"] > 0).any()),
+                self.history is not None and bool(host["penalised"].any()))
+
+    def edits(self, n: int, full_history: bool = False,
+              needs: Optional[tuple[bool, bool, bool]] = None) -> tuple[bool, bool, int]:
+        """(biased, banning, history columns) that rows 0..n-1 need from `process` this step.
 
         The penalties read the history up to the longest row; `full_history` reads all of
         it instead (a fixed shape for a CUDA graph; the extra columns repeat column 0, so
         the result is the same).
         """
+        biased, may_ban, penalised = self.edit_needs(n) if needs is None else needs
         host = self.host[:n]
-        biased = self.bias_ids is not None and bool(host["biased"].any())
-        banning = self.ban_ids is not None and bool((host["generated"] < host["min_tokens"]).any())
+        banning = may_ban and bool((host["generated"] < host["min_tokens"]).any())
         history = 0
-        if self.history is not None and host["penalised"].any():
+        if penalised:
             known = self.context_length if full_history else int((host["prompt_len"] + host["generated"]).max())
             history = min(known, self.context_length)
         return biased, banning, history
