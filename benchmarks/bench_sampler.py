@@ -66,8 +66,8 @@ def time_case(params: list[SamplingParams], logits: torch.Tensor, repeats: int, 
         sampler.admit(slot, p, seed=slot, prompt_ids=prompt)
     for _ in range(3):  # with graphs: the first sight of the plan, its capture, a replay
         sampler.sample(logits).tokens.tolist()
-    if graphs and sampler.graphs.count == 0:
-        raise RuntimeError("the sampler captured no graph (is the device CUDA?)")
+    if graphs and (sampler.graphs is None or sampler.graphs.count == 0 or sampler.graphs.refused):
+        raise RuntimeError("the sampler replays no graph for this case (graphs need CUDA; see its log)")
     cpu, wall = [], []
     for _ in range(repeats):
         if logits.is_cuda:

@@ -63,6 +63,11 @@ class SamplerGraphs:
     def count(self) -> int:
         return len(self._graphs)
 
+    @property
+    def refused(self) -> int:
+        """Plans whose capture failed (each logged once; they run eagerly)."""
+        return len(self._refused)
+
     def run(self, plan: SamplePlan, logits: torch.Tensor) -> Optional[tuple]:
         if plan.reads_host or plan in self._refused:
             return None
