@@ -27,7 +27,7 @@ if [ "$LEFT" -gt 60 ] && [ "${SKIP_SERVING:-0}" != 1 ]; then
       --model-vocab 50257 --train-steps 40 --batch-size 16 --device cuda >/dev/null && \
     python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30 \
       --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp \
-      --start-serve-tp --serve-tp-arg max_batch_size=128 --concurrency 1 --requests-per-client 4 \
+      --start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg sampler_graphs=true --concurrency 1 --requests-per-client 4 \
       --out $R --out-name fixed_sampler_graphs" 2>&1 | grep -v "WARNING\|Warning\|^INFO\|raylet\|ServeReplica\|ServeController\|^\[rank" | tail -20
 fi
 ls -la "$R"

@@ -107,9 +107,9 @@ class ServeTPConfig(BaseModel):
         "instead of hundreds. Off: eager kernels, for debugging."
     )
     sampler_graphs: bool = Field(
-        True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
+        False, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
         "logprobs) as CUDA graphs, one per batch size and feature set, captured on first reuse "
-        "(GPU only). Same tokens as eager; off: eager kernels, for debugging."
+        "(GPU only). Same tokens as eager. Off until its GPU test has run (scripts/gpu_sampler_graphs.sh)."
     )
     max_model_len: Optional[int] = Field(
         None, ge=2, description="Longest prompt + completion in tokens; sizes the KV cache "
