@@ -11,8 +11,11 @@ typical ~3.3; top-p 0.95 keeps from ~50 to ~5000 tokens); `flat` (N(0, 1) logits
 
 Time is the sampling thread's CPU time (torch runs one thread here), so other processes on
 a shared machine do not inflate it; wall time is printed beside it. On CUDA, wall only.
+`--graphs both` (CUDA) times each case eagerly and replayed from the sampler's CUDA graphs,
+side by side.
 
     python -m benchmarks.bench_sampler --rows 16 --vocab 50257 --device cpu --threads 1
+    python -m benchmarks.bench_sampler --rows 1 --device cuda --graphs both
 """
 
 from __future__ import annotations
@@ -52,16 +55,19 @@ def make_logits(kind: str, rows: int, vocab: int, device: str, seed: int) -> tor
     return logits.to(device)
 
 
-def time_case(params: list[SamplingParams], logits: torch.Tensor, repeats: int, history: int) -> tuple[float, float]:
+def time_case(params: list[SamplingParams], logits: torch.Tensor, repeats: int, history: int,
+              graphs: bool = False) -> tuple[float, float]:
     """Median (CPU, wall) ms of sample() plus the host read of its tokens, as the engine does."""
     rows, vocab = logits.shape
     sampler = Sampler(rows, vocab, logits.device, eos_token_id=vocab - 1, max_logprobs=20,
-                      context_length=history + repeats + 16)
+                      context_length=history + repeats + 16, graphs=graphs)
     prompt = torch.randint(0, vocab, (history,), generator=torch.Generator().manual_seed(1)).tolist()
     for slot, p in enumerate(params):
         sampler.admit(slot, p, seed=slot, prompt_ids=prompt)
-    for _ in range(3):
+    for _ in range(3):  # with graphs: the first sight of the plan, its capture, a replay
         sampler.sample(logits).tokens.tolist()
+    if graphs and (sampler.graphs is None or sampler.graphs.count == 0 or sampler.graphs.refused):
+        raise RuntimeError("the sampler replays no graph for this case (graphs need CUDA; see its log)")
     cpu, wall = [], []
     for _ in range(repeats):
         if logits.is_cuda:
@@ -86,8 +92,12 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=256, help="prompt tokens each row's penalties look at")
     parser.add_argument("--logits", choices=["zipf", "flat"], nargs="+", default=["zipf", "flat"])
     parser.add_argument("--step-ms", type=float, default=6.0, help="the rest of a step, for the tokens/s ratio")
+    parser.add_argument("--graphs", choices=["off", "on", "both"], default="off",
+                        help="replay the sampler's CUDA graphs (CUDA only); both: eager and graphs side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.graphs == "both":
+        return compare_graphs(args)
 
     print(f"{args.rows} rows x {args.vocab} vocab on {args.device}, {args.threads} thread(s), "
           f"median of {args.repeats}; ratio = greedy step / this step at {args.step_ms} ms of forward")
@@ -95,13 +105,34 @@ def main() -> None:
         logits = make_logits(kind, args.rows, args.vocab, args.device, seed=0)
         print(f"\n| {kind} logits | ms / call | vs greedy | tokens/s vs greedy | wall ms |\n|---|---:|---:|---:|---:|")
         greedy = None
-        cases = {name: [p] * args.rows for name, p in CASES.items()}
-        cases["mixed (one of each above)"] = [CASES[MIXED[i % len(MIXED)]] for i in range(args.rows)]
-        for name, params in cases.items():
-            ms, wall = time_case(params, logits, args.repeats, args.history)
+        for name, params in cases(args.rows).items():
+            ms, wall = time_case(params, logits, args.repeats, args.history, graphs=args.graphs == "on")
             greedy = ms if greedy is None else greedy
             ratio = (args.step_ms + greedy) / (args.step_ms + ms)
             print(f"| {name} | {ms:.2f} | {ms / greedy:.1f}x | {ratio:.2f} | {wall:.2f} |")
+
+
+def cases(rows: int) -> dict[str, list[SamplingParams]]:
+    table = {name: [p] * rows for name, p in CASES.items()}
+    table["mixed (one of each above)"] = [CASES[MIXED[i % len(MIXED)]] for i in range(rows)]
+    return table
+
+
+def compare_graphs(args) -> None:
+    """Per case: wall ms eager and with graphs, and each one's excess over its own greedy."""
+    print(f"{args.rows} rows x {args.vocab} vocab on {args.device}, median wall ms of {args.repeats} "
+          f"sample() + token read; 'over greedy' = this case - greedy, same mode")
+    for kind in args.logits:
+        logits = make_logits(kind, args.rows, args.vocab, args.device, seed=0)
+        print(f"\n| {kind} logits, batch {args.rows} | eager ms | graphs ms | speed-up | eager over greedy "
+              f"| graphs over greedy |\n|---|---:|---:|---:|---:|---:|")
+        base = None
+        for name, params in cases(args.rows).items():
+            eager = time_case(params, logits, args.repeats, args.history)[1]
+            graphed = time_case(params, logits, args.repeats, args.history, graphs=True)[1]
+            base = (eager, graphed) if base is None else base
+            print(f"| {name} | {eager:.3f} | {graphed:.3f} | {eager / graphed:.1f}x | {eager - base[0]:+.3f} "
+                  f"| {graphed - base[1]:+.3f} |")
 
 
 if __name__ == "__main__":

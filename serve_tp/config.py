@@ -141,6 +141,11 @@ class ServeTPConfig(BaseModel):
         "into fused kernels between the GEMMs and all-reduces (Inductor without its own CUDA graphs; "
         "the decode graphs capture the compiled step). Costs compile time at start. Ignored on cpu."
     )
+    sampler_graphs: bool = Field(
+        False, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
+        "logprobs) as CUDA graphs, one per batch size and feature set, captured on first reuse "
+        "(GPU only). Same tokens as eager. Off until its GPU test has run (scripts/gpu_sampler_graphs.sh)."
+    )
     max_model_len: Optional[int] = Field(
         None, ge=2, description="Longest prompt + completion in tokens; sizes the KV cache "
         "(max_batch_size slots of this many tokens per rank). Default and cap: the model's context."

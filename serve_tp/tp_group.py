@@ -52,6 +52,7 @@ class TPGroup:
             max_batch_size=config.max_batch_size,
             context_length=context_length,
             cuda_graphs=config.cuda_graphs,
+            sampler_graphs=config.sampler_graphs,
             batch_wait_timeout_s=config.batch_wait_timeout_s,
             max_prefill_tokens=config.max_prefill_tokens,
             collective_timeout_s=config.startup_timeout_s,

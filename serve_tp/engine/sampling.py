@@ -21,16 +21,16 @@ import math
 import secrets
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
+from serve_tp.engine.sampling_graphs import SamplerGraphs
 from serve_tp.engine.sampling_ops import (blocked_inverse_cdf, counter_uniform, inverse_cdf, nucleus_size,
                                           nucleus_threshold, radix_nucleus_threshold, to_int64)
+from serve_tp.engine.sampling_plan import SamplePlan, plan_step
 from serve_tp.engine.sampling_state import SlotState
 from serve_tp.messages import SamplingParams, TokenLogprob
 
 NEG_INF = float("-inf")
-TOP_P_CANDIDATES = 64  # a top-p cut that ends among a row's 64 best tokens needs no radix select
 
 
 def random_seed() -> int:
@@ -103,11 +103,18 @@ class Sampler:
     step never waits for the device; off, a cut that ends among a row's 64 best tokens is
     read from them, and only the rows where it does not (one small device-to-host read) pay
     for a radix select, which is cheaper than sorting where the host and the device are one.
+
+    `graphs` (CUDA only) replays each step's device chain as a CUDA graph, one per
+    `SamplePlan`, captured the second time a plan comes (sampling_graphs.py): a sampled
+    step is some 30-100 small kernels, launch-bound at small batches. `static_shapes`
+    (default: with graphs) plans every step at the fixed shapes a graph needs; tests turn
+    it on without graphs to check it changes no token.
     """
 
     def __init__(self, slots: int, vocab_size: int, device, eos_token_id: Optional[int],
                  max_logprobs: int, context_length: int, avoid_host_sync: Optional[bool] = None,
-                 sampleable_vocab: Optional[int] = None):
+                 sampleable_vocab: Optional[int] = None, graphs: bool = False,
+                 static_shapes: Optional[bool] = None):
         device = torch.device(device)
         self.state = SlotState(slots, vocab_size, device, context_length)
         self.slots, self.vocab_size = slots, vocab_size
@@ -116,6 +123,11 @@ class Sampler:
         self.avoid_host_sync = device.type == "cuda" if avoid_host_sync is None else avoid_host_sync
         # Ids past the tokenizer (a padded embedding) are masked out of every draw, greedy included.
         self.sampleable = sampleable_vocab if sampleable_vocab and sampleable_vocab < vocab_size else None
+        self.graphs = SamplerGraphs(self.run_plan, self.state.layout) if graphs and device.type == "cuda" else None
+        self.static_shapes = self.graphs is not None if static_shapes is None else static_shapes
+        self._plan_key: Optional[tuple] = None
+        self._plans: dict[tuple, SamplePlan] = {}
+        self._edit_needs = (False, False, False)
 
     # admit and move run in inference mode too: state made in it cannot change outside it.
     @torch.inference_mode()
@@ -139,61 +151,89 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor) -> SampleResult:
-        """Next token for each of slots 0..n-1 from `logits` [n, V]; advances their positions."""
+        """Next token for each of slots 0..n-1 from `logits` [n, V]; advances their positions.
+
+        With graphs on, the returned tensors are fresh copies: they stay valid after later steps.
+        """
         n, width = logits.shape
         if n > self.slots or width != self.vocab_size:
             raise ValueError(f"sample got logits {tuple(logits.shape)} for {self.slots} slots x {self.vocab_size} tokens")
         if n == 0:
             return SampleResult(torch.empty(0, dtype=torch.int64, device=logits.device))
-        host = self.state.host[:n]
+        plan = self.plan(n, logits.dtype)
+        outputs = self.graphs.run(plan, logits) if self.graphs is not None else None
+        if outputs is None:
+            outputs = self.run_plan(plan, logits)
+        self.state.advance_host(n)
+        tokens, chosen, top_ids, top_values = outputs
+        if chosen is None:
+            return SampleResult(tokens)
+        return SampleResult(tokens, chosen, top_ids, top_values, self.state.host["logprobs"][:n].tolist())
+
+    def plan(self, n: int, dtype: torch.dtype) -> SamplePlan:
+        """This step's host decisions for slots 0..n-1 (fixed shapes when `static_shapes`).
+
+        Made from the host table once per (rows, params) and reused until an admit or a
+        move: only the min_tokens ban and the history length change from step to step.
+        """
+        key = (n, dtype, self.state.version)
+        if key != self._plan_key or len(self._plans) > 64:  # eager penalties: a plan per history length
+            self._plan_key, self._plans = key, {}
+            self._edit_needs = self.state.edit_needs(n)
+        edits = self.state.edits(n, full_history=self.static_shapes, needs=self._edit_needs)
+        plan = self._plans.get(edits)
+        if plan is None:
+            biased, banning, history = edits
+            plan = self._plans[edits] = plan_step(self.state.host[:n], dtype, vocab_size=self.vocab_size,
+                                                  biased=biased, banning=banning, history=history,
+                                                  avoid_host_sync=self.avoid_host_sync)
+        return plan
+
+    def run_plan(self, plan: SamplePlan, logits: torch.Tensor) -> tuple:
+        """The step's device chain: (tokens, logprob of each, top ids, top logprobs), Nones where
+        no row asked; advances the slots' device state. Reads nothing back from the device
+        unless `plan.reads_host`, so a CUDA graph can capture it."""
+        n = plan.rows
         raw = logits.float()
         if self.sampleable is not None:
             raw = raw.clone() if raw is logits else raw
             raw[:, self.sampleable:] = NEG_INF
-        processed = self.state.process(raw, n)
-        greedy = host["greedy"]
-        top = processed.argmax(dim=-1) if greedy.any() else None
-        if greedy.all():
+        processed = self.state.process(raw, n, (plan.biased, plan.banning, plan.history))
+        top = processed.argmax(dim=-1) if plan.any_greedy else None
+        if plan.all_greedy:
             tokens = top
         else:
-            tokens = self._draw(processed, host, n)
+            tokens = self._draw(plan, processed, n)
             if top is not None:
                 tokens = torch.where(self.state.greedy(n), top, tokens)
-        result = self._with_logprobs(raw, tokens, host)
-        self.state.advance(tokens, n)
-        return result
+        self.state.advance(tokens, n, penalised=plan.history > 0)
+        return (tokens,) + self._logprobs(plan, raw, tokens)
 
-    def _draw(self, logits: torch.Tensor, host: np.ndarray, n: int) -> torch.Tensor:
+    def _draw(self, plan: SamplePlan, logits: torch.Tensor, n: int) -> torch.Tensor:
         """Sampled rows' tokens (greedy rows get a throwaway draw at temperature 1)."""
-        scaled = logits if np.all(host["temperature"] == 1.0) else logits / self.state.column("temperature", n)[:, None]
+        scaled = logits / self.state.column("temperature", n)[:, None] if plan.scaled else logits
         uniforms = counter_uniform(self.state.column("seed", n), self.state.column("generated", n))
-        sampled = ~host["greedy"]
-        cut_rows = sampled & (host["top_k"] > 0)
-        full_rows = sampled & (host["top_k"] == 0)
-        width = int(host["top_k"][cut_rows].max()) if cut_rows.any() else 0
-        if (full_rows & (host["top_p"] < 1.0)).any() and not self.avoid_host_sync:
-            width = max(width, TOP_P_CANDIDATES)
-        candidates = torch.topk(scaled, min(width, self.vocab_size), dim=-1) if width else None
-        if not full_rows.any():
-            return self._draw_among_candidates(candidates, uniforms, host[cut_rows], n)
-        drawn = self._draw_over_vocabulary(scaled, candidates, uniforms, host[full_rows], n)
-        if cut_rows.any():
-            among = self._draw_among_candidates(candidates, uniforms, host[cut_rows], n)
+        candidates = torch.topk(scaled, plan.width, dim=-1) if plan.width else None
+        if not plan.full:
+            return self._draw_among_candidates(plan, candidates, uniforms, n)
+        drawn = self._draw_over_vocabulary(plan, scaled, candidates, uniforms, n)
+        if plan.cut:
+            among = self._draw_among_candidates(plan, candidates, uniforms, n)
             drawn = torch.where(self.state.column("top_k", n) > 0, among, drawn)
         return drawn
 
-    def _draw_among_candidates(self, candidates, uniforms: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
+    def _draw_among_candidates(self, plan: SamplePlan, candidates, uniforms: torch.Tensor, n: int) -> torch.Tensor:
         """Rows with a top-k cut: min_p, top-k and top-p keep a best-first prefix of the candidates."""
         values, ids = candidates
         positions = torch.arange(values.shape[1], device=values.device)
         keep = positions < self.state.column("top_k", n)[:, None]
-        if (rows["min_p"] > 0).any():
+        if plan.cut_min_p:
             keep &= values >= values[:, :1] + self.state.column("log_min_p", n)[:, None]
         keep[:, 0] = True  # the best token always survives
         weights = torch.where(keep, torch.exp(values - values[:, :1]), 0.0)
         cdf = weights.cumsum(-1)
         total = None
-        if (rows["top_p"] < 1.0).any():
+        if plan.cut_top_p:
             # top-p within what top-k and min_p kept (vLLM renormalises after each cut):
             # draw from the nucleus prefix by stopping the CDF at its last token.
             size = nucleus_size(weights, self.state.column("top_p", n) * cdf[:, -1])
@@ -202,26 +242,26 @@ class Sampler:
         column = torch.where(ok, column, 0)
         return ids.gather(1, column[:, None]).squeeze(1)
 
-    def _draw_over_vocabulary(self, scaled, candidates, uniforms, rows: np.ndarray, n: int) -> torch.Tensor:
+    def _draw_over_vocabulary(self, plan: SamplePlan, scaled, candidates, uniforms, n: int) -> torch.Tensor:
         """Rows without a top-k cut: min_p and top-p become one logit threshold per row."""
         probs = torch.softmax(scaled, dim=-1)
         threshold = None
-        if (rows["min_p"] > 0).any():
+        if plan.full_min_p:
             threshold = scaled.amax(dim=-1) + self.state.column("log_min_p", n)
-        if (rows["top_p"] < 1.0).any():
+        if plan.full_top_p:
             # top-p over what min_p kept, renormalised (vLLM's order).
             kept = probs if threshold is None else torch.where(scaled >= threshold[:, None], probs, 0.0)
             target = self.state.column("top_p", n) * kept.sum(-1)
-            nucleus = self._nucleus_threshold(scaled, kept, target, candidates, n)
+            nucleus = self._nucleus_threshold(plan, scaled, kept, target, candidates, n)
             threshold = nucleus if threshold is None else torch.maximum(threshold, nucleus)
         if threshold is not None:
             probs = torch.where(scaled >= threshold[:, None], probs, 0.0)
         return blocked_inverse_cdf(probs, uniforms)
 
-    def _nucleus_threshold(self, scaled, kept, target, candidates, n: int) -> torch.Tensor:
+    def _nucleus_threshold(self, plan: SamplePlan, scaled, kept, target, candidates, n: int) -> torch.Tensor:
         """Per row, the lowest logit the top-p nucleus keeps (-inf for rows without top-p)."""
         wanted = self.state.nucleus_rows(n)
-        if self.avoid_host_sync:
+        if plan.sort_nucleus:
             # One batched sort of the rows: a few fused kernels on a GPU, where the radix
             # select's three scatter-add histograms serialise on their atomics (measured:
             # ~1.6 ms a step at batch 1 on H200, top_p 0.95).
@@ -236,16 +276,16 @@ class Sampler:
                 threshold[rows] = radix_nucleus_threshold(scaled[rows], kept[rows], target[rows])
         return torch.where(wanted, threshold, NEG_INF)
 
-    def _with_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, host: np.ndarray) -> SampleResult:
+    def _logprobs(self, plan: SamplePlan, raw: torch.Tensor, tokens: torch.Tensor) -> tuple:
         """Logprobs of the RAW distribution (before bias, penalties and temperature), as vLLM reports."""
-        wanted = host["logprobs"]
-        if not (wanted >= 0).any():
-            return SampleResult(tokens)
+        if plan.top_logprobs < 0:
+            return None, None, None
         logprobs = torch.log_softmax(raw, dim=-1)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top_n = min(int(wanted.max()), self.vocab_size)
-        top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n > 0 else (None, None)
-        return SampleResult(tokens, chosen, top_ids, top_values, wanted.tolist())
+        if plan.top_logprobs == 0:
+            return chosen, None, None
+        top_values, top_ids = logprobs.topk(plan.top_logprobs, dim=-1)
+        return chosen, top_ids, top_values
 
     def _check(self, p: SamplingParams) -> None:
         """Refuse what would break a batched op; the API has refused it already with a 400."""

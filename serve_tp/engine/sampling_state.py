@@ -62,6 +62,7 @@ class SlotState:
         self.ban_ids: Optional[torch.Tensor] = None  # [slots, B]; unused columns repeat column 0
         self.history: Optional[torch.Tensor] = None  # [slots, context_length] prompt then output ids
         self.counts: Optional[torch.Tensor] = None  # [slots, V] how often each id was generated
+        self.version = 0  # bumped whenever a slot's params change (admit, move): cached plans stay valid until then
 
     # ---- per-row views ----
     def column(self, name: str, n: int) -> torch.Tensor:
@@ -78,6 +79,7 @@ class SlotState:
 
     # ---- slot lifecycle ----
     def admit(self, slot: int, p: SamplingParams, seed: int, prompt_ids: Sequence[int], bans: Sequence[int]) -> None:
+        self.version += 1
         greedy = p.temperature == 0
         top_k = p.top_k if 0 < p.top_k < self.vocab_size else 0
         min_tokens = p.min_tokens if bans else 0
@@ -116,19 +118,46 @@ class SlotState:
         self.bias_values[slot] = torch.tensor(list(bias.values()) + [0.0] * pad, dtype=torch.float32)
 
     def move(self, source: int, target: int) -> None:
+        self.version += 1
         for table in (self.floats, self.ints, self.bias_ids, self.bias_values, self.ban_ids, self.history, self.counts):
             if table is not None:
                 table[target] = table[source]
         self.host[target] = self.host[source]
 
     # ---- per step ----
-    def process(self, logits: torch.Tensor, n: int) -> torch.Tensor:
-        """logit_bias, then the min_tokens ban, then the penalties; `logits` itself is left as is."""
+    def layout(self) -> tuple[int, ...]:
+        """Where the optional tables live: a CUDA graph that read them is stale once one moves."""
+        tables = (self.bias_ids, self.bias_values, self.ban_ids, self.history, self.counts)
+        return tuple(0 if t is None else t.data_ptr() for t in tables)
+
+    def edit_needs(self, n: int) -> tuple[bool, bool, bool]:
+        """(biased, may ban, penalised) for rows 0..n-1: fixed until the next admit or move."""
         host = self.host[:n]
-        biased = self.bias_ids is not None and host["biased"].any()
-        banning = self.ban_ids is not None and (host["generated"] < host["min_tokens"]).any()
-        penalised = self.history is not None and host["penalised"].any()
-        if not (biased or banning or penalised):
+        return (self.bias_ids is not None and bool(host["biased"].any()),
+                self.ban_ids is not None and bool((host["min_tokens"] > 0).any()),
+                self.history is not None and bool(host["penalised"].any()))
+
+    def edits(self, n: int, full_history: bool = False,
+              needs: Optional[tuple[bool, bool, bool]] = None) -> tuple[bool, bool, int]:
+        """(biased, banning, history columns) that rows 0..n-1 need from `process` this step.
+
+        The penalties read the history up to the longest row; `full_history` reads all of
+        it instead (a fixed shape for a CUDA graph; the extra columns repeat column 0, so
+        the result is the same).
+        """
+        biased, may_ban, penalised = self.edit_needs(n) if needs is None else needs
+        host = self.host[:n]
+        banning = may_ban and bool((host["generated"] < host["min_tokens"]).any())
+        history = 0
+        if penalised:
+            known = self.context_length if full_history else int((host["prompt_len"] + host["generated"]).max())
+            history = min(known, self.context_length)
+        return biased, banning, history
+
+    def process(self, logits: torch.Tensor, n: int, edits: Optional[tuple[bool, bool, int]] = None) -> torch.Tensor:
+        """logit_bias, then the min_tokens ban, then the penalties; `logits` itself is left as is."""
+        biased, banning, history = self.edits(n) if edits is None else edits
+        if not (biased or banning or history):
             return logits
         logits = logits.clone()
         if biased:
@@ -137,17 +166,16 @@ class SlotState:
             ids = self.ban_ids[:n]
             active = (self.column("generated", n) < self.column("min_tokens", n))[:, None]
             logits.scatter_(1, ids, torch.where(active, float("-inf"), logits.gather(1, ids)))
-        if penalised:
-            self._penalise(logits, n, int((host["prompt_len"] + host["generated"]).max()))
+        if history:
+            self._penalise(logits, n, history)
         return logits
 
-    def _penalise(self, logits: torch.Tensor, n: int, known: int) -> None:
+    def _penalise(self, logits: torch.Tensor, n: int, width: int) -> None:
         """repetition over prompt and output ids, then frequency and presence over output counts.
 
         Each row's ids are gathered, penalised and scattered back; an id seen twice gets the
         same value twice. Rows without penalties (1, 0, 0) write back what they read.
         """
-        width = min(known, self.context_length)
         length = self.column("prompt_len", n) + self.column("generated", n)
         ids = self.history[:n, :width]
         # Columns past a row's length hold another sequence's ids: point them at its first.
@@ -160,11 +188,14 @@ class SlotState:
                   - self.column("presence", n)[:, None] * (counts > 0))
         logits.scatter_(1, ids, values)
 
-    def advance(self, tokens: torch.Tensor, n: int) -> None:
-        """Record each row's new token: one more generated, and in the history if penalties need it."""
-        if self.history is not None and self.host["penalised"][:n].any():
+    def advance(self, tokens: torch.Tensor, n: int, penalised: bool) -> None:
+        """Record each row's new token on the device: one more generated, and in the history
+        if penalties need it. Device ops only (a CUDA graph replays them); `advance_host` follows."""
+        if penalised:
             position = (self.column("prompt_len", n) + self.column("generated", n)).clamp(max=self.context_length - 1)
             self.history[:n].scatter_(1, position[:, None], tokens[:, None])
             self.counts[:n].scatter_add_(1, tokens[:, None], torch.ones(n, 1, device=self.device))
         self.ints[:n, INT_COLUMNS.index("generated")] += 1
+
+    def advance_host(self, n: int) -> None:
         self.host["generated"][:n] += 1

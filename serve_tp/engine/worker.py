@@ -57,7 +57,8 @@ class InferenceWorker:
         if self.rank == 0:  # rank 0 alone samples, and sends the tokens with the next plan
             sampler = Sampler(s.max_batch_size, config.vocab_size, ready.device,
                               eos_token_id=config.eos_token_id, max_logprobs=s.max_logprobs,
-                              context_length=s.context_length, sampleable_vocab=s.sampleable_vocab)
+                              context_length=s.context_length, sampleable_vocab=s.sampleable_vocab,
+                              graphs=s.sampler_graphs)
         self.engine = EngineLoop(
             ready.batch,
             ready.comm.broadcast_plan,
