@@ -10,7 +10,8 @@
 #                                   the HTTP app; fp16/bf16 printed with their control   (~2-3 min)
 #   SKIP_DTYPES=1                   scripts/gpu_dtype_record.py: fp32/fp16/bf16, TP=2 vs one process
 #                                   next to HF eager vs sdpa, trained small and medium shapes, long
-#                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (~4 min)
+#                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (2xH200: 4.6 min
+#                                   of record + the medium model's training; a call of its own)
 #   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
 #   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
 #                                   1, 32, 128 (builds the random models first)           (~3-4 min)
