@@ -7,7 +7,7 @@
 # Parts and their switches (each part also has its own `timeout`, so one that hangs cannot
 # take the call's other parts with it):
 #   SKIP_TESTS=1 (or SKIP_CHECK=1)  pytest -m gpu: fp32 TP=2 NCCL == one process, graphs == eager,
-#                                   the HTTP app; fp16/bf16 printed with their control   (~2-3 min)
+#                                   the HTTP app; fp16/bf16 printed with their control   (2xH200: 4.2 min)
 #   SKIP_DTYPES=1                   scripts/gpu_dtype_record.py: fp32/fp16/bf16, TP=2 vs one process
 #                                   next to HF eager vs sdpa, trained small and medium shapes, long
 #                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (2xH200: 4.6 min
