@@ -46,16 +46,24 @@ def _nodes_message(config: ServeTPConfig, bundle_nodes: Optional[dict[int, str]]
            f"({config.placement_strategy})"
 
 
+def _on_one_node(config: ServeTPConfig, bundle_nodes: Optional[dict[int, str]], field: str, required: str,
+                 fallback: str) -> str:
+    """A shared-memory setting given where the bundles landed: its value when every rank is
+    on one node; else `fallback`, or a refusal when the value (`required`) insisted on it."""
+    value = getattr(config, field)
+    if ranks_share_one_node(config, bundle_nodes):
+        return value
+    if value == required:
+        raise ValueError(f"{field} {required} needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
+                         f"use STRICT_PACK, or {field} auto or {fallback}")
+    return fallback
+
+
 def resolve_cpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
     """What the ranks are told about summing on CPU, given where the bundles landed."""
     if device != "cpu" or config.cpu_all_reduce == "gloo":
         return "gloo"
-    if ranks_share_one_node(config, bundle_nodes):
-        return config.cpu_all_reduce
-    if config.cpu_all_reduce == "shm":
-        raise ValueError(f"cpu_all_reduce shm needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
-                         f"use STRICT_PACK, or cpu_all_reduce auto or gloo")
-    return "gloo"
+    return _on_one_node(config, bundle_nodes, "cpu_all_reduce", "shm", "gloo")
 
 
 def resolve_plan_channel(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
@@ -66,13 +74,10 @@ def resolve_plan_channel(config: ServeTPConfig, device: str, bundle_nodes: Optio
     """
     if config.plan_channel == "gloo" or config.tensor_parallel_size == 1:
         return "gloo"
-    one_node = ranks_share_one_node(config, bundle_nodes)
-    if config.plan_channel == "shm":
-        if not one_node:
-            raise ValueError(f"plan_channel shm needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
-                             f"use STRICT_PACK, or plan_channel auto or gloo")
-        return "shm"
-    return "shm" if one_node and device == "cuda" else "gloo"
+    channel = _on_one_node(config, bundle_nodes, "plan_channel", "shm", "gloo")
+    if channel == "auto":
+        return "shm" if device == "cuda" else "gloo"
+    return channel
 
 
 def resolve_gpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
@@ -80,12 +85,7 @@ def resolve_gpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Opt
     GPU memory, so it needs every rank on one node; elsewhere NCCL."""
     if device != "cuda" or config.gpu_all_reduce == "nccl" or config.tensor_parallel_size == 1:
         return "nccl"
-    if ranks_share_one_node(config, bundle_nodes):
-        return config.gpu_all_reduce
-    if config.gpu_all_reduce == "symm_mem":
-        raise ValueError(f"gpu_all_reduce symm_mem needs every rank on one node; {_nodes_message(config, bundle_nodes)}: "
-                         f"use STRICT_PACK, or gpu_all_reduce auto or nccl")
-    return "nccl"
+    return _on_one_node(config, bundle_nodes, "gpu_all_reduce", "symm_mem", "nccl")
 
 
 def deployment_placement(config: ServeTPConfig, device: str) -> dict:

@@ -5,16 +5,15 @@ dead peer fails the wait at once instead of at the timeout, and the app serves o
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import random
 import time
 import traceback
 
 import pytest
-import torch.multiprocessing as mp
 
 from serve_tp.engine.distributed import free_port
 from serve_tp.engine.plan_channel import SLOT_BYTES, SLOTS, ChannelClosed, PlanRing, segment_path
+from tests.rank_processes import collect_reports, spawn_ranks
 
 PLANS = 120
 
@@ -50,34 +49,10 @@ def _ring_rank(rank, world_size, port, results):
         results.put((rank, None, traceback.format_exc()))
 
 
-def _run_ranks(target, world_size, port, timeout_s=120):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world_size, port, results)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    got = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < world_size:
-            try:
-                rank, out, error = results.get(timeout=1)
-            except queue.Empty:
-                assert time.monotonic() < deadline, "ranks timed out"
-                continue
-            assert error is None, f"rank {rank} failed:\n{error}"
-            got[rank] = out
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return got
-
-
 def test_every_rank_receives_every_plan_in_order():
-    world_size, port = 3, free_port("127.0.0.1")
-    got = _run_ranks(_ring_rank, world_size, port)
+    world_size = 3
+    procs, results, _ = spawn_ranks(_ring_rank, world_size)
+    got = collect_reports(procs, results, world_size, timeout=120)
     expected = _plans(PLANS)
     assert any(len(repr(p)) > SLOT_BYTES for p in expected)  # the gloo tail path is taken
     for rank in range(world_size):

@@ -3,16 +3,13 @@ shared-memory names cleaned up, and a stuck peer turned into a dead rank, not a 
 
 from __future__ import annotations
 
-import queue
 import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from serve_tp.engine.distributed import free_port
 from serve_tp.engine.shm_all_reduce import SHM_TIMEOUT_EXIT_CODE, segment_path
+from tests.rank_processes import collect_reports, spawn_ranks
 
 # Elements per rank: the small-message path, the one that splits the work over ranks
 # (>= 1 MiB), and one over the 32 MiB chunk that the op loops over.
@@ -72,41 +69,10 @@ def _sums_rank(rank, world_size, port, results):
         results.put((rank, None, traceback.format_exc()))
 
 
-def _spawn(target, world_size, *args):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=target, args=(r, world_size, port, results, *args)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    return procs, results, port
-
-
-def _collect(procs, results, world_size, timeout=240):
-    got, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(got) < world_size:
-            try:
-                rank, report, error = results.get(timeout=1)
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"ranks died or timed out: {[p.exitcode for p in procs]}")
-                continue
-            if error:
-                raise RuntimeError(f"rank {rank} failed:\n{error}")
-            got[rank] = report
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return got
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shm_sums_match_gloo_within_fp32_rounding(world_size):
-    procs, results, port = _spawn(_sums_rank, world_size)
-    got = _collect(procs, results, world_size)
+    procs, results, port = spawn_ranks(_sums_rank, world_size)
+    got = collect_reports(procs, results, world_size)
     for rank, report in got.items():
         assert report["kind"] == "shm"
         # The rank's segment was mapped under the name we unlink, and the name is gone.
@@ -137,7 +103,7 @@ def _stuck_peer_rank(rank, world_size, port, results):
 
 
 def test_a_peer_that_never_arrives_ends_the_waiting_rank_within_the_timeout():
-    procs, results, _ = _spawn(_stuck_peer_rank, 2)
+    procs, results, _ = spawn_ranks(_stuck_peer_rank, 2)
     try:
         joined = {}
         while len(joined) < 2:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import pickle
 import secrets
 import time
 from pathlib import Path
@@ -170,14 +169,6 @@ class PlanRing:
             if now - started > timeout_s:
                 raise ChannelClosed(f"rank {self.rank}: waited {timeout_s:.0f}s for {what}")
             time.sleep(NAP_S)
-
-
-def encode(plan) -> bytes:
-    return pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode(payload: bytes):
-    return pickle.loads(payload)
 
 
 def open_ring(control_group, rank: int, world_size: int, address: str, port: int) -> Optional[PlanRing]:

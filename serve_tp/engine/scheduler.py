@@ -131,7 +131,7 @@ class Scheduler:
             self._running_count = len(self._running)
         for seq in cancelled:  # outside the lock: a sink may take its own locks
             seq.sink(SequenceOutput([], finish_reason="cancelled"))
-        joining = [seq for seq in self._prefilling[: sum(c.final for c in chunks)]]
+        joining = self._prefilling[: sum(c.final for c in chunks)]
         del self._prefilling[: len(joining)]
         rows = self._rows_after_evict(evict)
         plan = StepPlan(
