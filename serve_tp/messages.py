@@ -26,7 +26,7 @@ class RankSettings:
     context_length: int  # the KV cache's positions per slot: min(n_positions, max_model_len)
     hf_revision: Optional[str] = None
     cuda_graphs: bool = True
-    sampler_graphs: bool = False  # rank 0's sampling chain as CUDA graphs (cuda only)
+    sampler_graphs: bool = True  # rank 0's sampling chain as CUDA graphs (cuda only)
     batch_wait_timeout_s: float = 0.002
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per engine step (chunked prefill)
     collective_timeout_s: float = 900.0
