@@ -235,7 +235,8 @@ def main():
                         help="KV-cache positions (default: the model's); fewer spans, fewer graphs to capture")
     parser.add_argument("--all-reduce", default="nccl,symm_mem",
                         help="decode all-reduce paths to time at TP>1: nccl, symm_mem (one run times each)")
-    parser.add_argument("--compile", default="off,on", help="compile_decode off, on, or both")
+    parser.add_argument("--compile", default="off,on",
+                        help="compile_decode: off, on (Inductor's default mode), max (max-autotune-no-cudagraphs), comma-separated")
     parser.add_argument("--run-timeout-s", type=float, default=400, help="per (shape, TP) run")
     parser.add_argument("--time-limit-s", type=float, default=None, help="no (shape, TP) run starts after this")
     parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
@@ -244,7 +245,7 @@ def main():
         parser.error("give --model DIR or --shapes NAMES")
     batches = [int(b) for b in args.batches.split(",")]
     tps = [int(t) for t in args.tp.split(",")]
-    compiles = [{"off": False, "on": True}[c] for c in args.compile.split(",")]
+    compiles = [COMPILE_CHOICES[c] for c in args.compile.split(",")]
     if args.shapes:
         unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
         if unknown:
@@ -302,6 +303,14 @@ def main():
     print("\n" + markdown(lines) + "\n\n" + ratios(lines))
 
 
+# --compile's choices -> GPT2Forward's compile_decode (False, True, or an Inductor mode)
+COMPILE_CHOICES = {"off": False, "on": True, "max": "max-autotune-no-cudagraphs"}
+
+
+def compile_label(compiled) -> str:
+    return next(name for name, value in COMPILE_CHOICES.items() if value == compiled)
+
+
 def markdown(rows) -> str:
     out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | decode ms/step, "
            "CUDA graph | decode ms/step, eager | prefill ms (32 tokens each) | capture s |",
@@ -312,7 +321,7 @@ def markdown(rows) -> str:
         else:
             cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
         out.append(f"| {r['model']} | {r['layers']} | {r['heads']} | {r['embd']} | {r['tp']} | {r['dtype']} "
-                   f"| {r['batch']} | {r['decode_all_reduce']} | {'on' if r['compile'] else 'off'} | "
+                   f"| {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} | "
                    + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -324,7 +333,7 @@ def ratios(rows) -> str:
     for r in rows:
         base = one.get((r["model"], r["batch"], r["compile"]))
         if r["tp"] == 2 and r["graph_ms"] and base:
-            out.append(f"| {r['model']} | {r['batch']} | {r['decode_all_reduce']} | {'on' if r['compile'] else 'off'} "
+            out.append(f"| {r['model']} | {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} "
                        f"| {base:.3f} | {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
     return "\n".join(out)
 

@@ -55,11 +55,16 @@ def final_norm(h, partial_sum, ln_weight, ln_bias, eps: float):
 
 
 class CompiledPieces:
-    """The three compiled functions, made once per process (dynamo caches by shape)."""
+    """The three compiled functions, made once per process and mode (dynamo caches by shape).
 
-    def __init__(self):
+    `mode` "default" keeps the GEMMs on cuBLAS; "max-autotune-no-cudagraphs" lets Inductor
+    pick Triton GEMM templates with the bias + GELU (and the residual add) fused into their
+    epilogue, at minutes of autotuning per shape (gpu_profile.py --compile max measures it).
+    """
+
+    def __init__(self, mode: str = "default"):
         # batch is marked dynamic per call (`batch_dynamic`); widths stay static, for Inductor's kernels
-        options = dict(fullgraph=True, mode="default")
+        options = dict(fullgraph=True, mode=mode)
         self.attention_input = torch.compile(attention_input, **options)
         self.mlp_input = torch.compile(mlp_input, **options)
         self.final_norm = torch.compile(final_norm, **options)
@@ -73,14 +78,13 @@ def batch_dynamic(*tensors: Optional[torch.Tensor]) -> None:
             torch._dynamo.mark_dynamic(tensor, 0)
 
 
-_PIECES: Optional[CompiledPieces] = None
+_PIECES: dict[str, CompiledPieces] = {}
 
 
-def compiled_pieces() -> CompiledPieces:
-    global _PIECES
-    if _PIECES is None:
-        _PIECES = CompiledPieces()
-    return _PIECES
+def compiled_pieces(mode: str = "default") -> CompiledPieces:
+    if mode not in _PIECES:
+        _PIECES[mode] = CompiledPieces(mode)
+    return _PIECES[mode]
 
 
 def gelu_approximation(activation: str) -> Optional[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class GPT2Forward:
     """Prefill and decode of one rank's GPT-2 shard into slots of a `KVCache`."""
 
     def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
-                 decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: bool = False):
+                 decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -87,7 +87,8 @@ class GPT2Forward:
                 logger.warning("compile_decode: activation %s is not a GELU; decode stays eager",
                                shard.config.activation_function)
             else:
-                self.compiled = compiled_pieces()
+                # True: Inductor's default mode; a string: that mode (gpu_profile.py --compile max)
+                self.compiled = compiled_pieces(compile_decode if isinstance(compile_decode, str) else "default")
 
     def new_cache(self, slots: int, max_len: int) -> "KVCache":
         return KVCache(self.num_layers, slots, self.num_heads, max_len, self.head_dim, self.dtype, self.device)
