@@ -15,11 +15,14 @@ under --shape-dir; each rank draws random weights on its GPU in the target dtype
 (random_shard: seconds, where building and loading a checkpoint took minutes). One run of
 ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`: NCCL, or
 torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
-(compile_decode off/on, serve_tp/model/compiled.py), so their rows share GPUs and warm-up.
+(compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py), so
+their rows share GPUs and warm-up. The eager pass also counts the kernels one step launches
+(torch.profiler): the count a graph replays, which sets a small step's time.
 A shape whose split the sharding refuses is skipped with the refusal, and so is a run
 whose ranks fail (out of memory...): the other runs go on. `--json` appends one JSON line
 per (shape, TP, variant, batch): {model, layers, heads, embd, tp, dtype, batch,
-decode_all_reduce, compile, graph_ms, eager_ms, capture_s (compile included), ...}, with
+decode_all_reduce, compile, graph_ms, eager_ms, kernels_per_step, capture_s (compile
+included), ...}, with
 `skipped` holding the reason when there are no timings. The summary ends with TP=2 / TP=1.
 """
 
@@ -125,7 +128,21 @@ def _time_pass(forward, n_positions, batches, steps, graphs, results, variant):
         results[(variant, "prefill", size)] = 1000 * (time.perf_counter() - start)
         tokens = [5] * size
         results[(variant, graphs, size)] = _time(lambda: batch.decode(tokens), steps)
+        if not graphs:  # what a graph replays: the eager step's kernels (all-reduces included)
+            results[(variant, "kernels", size)] = _kernels_per_step(lambda: batch.decode(tokens))
         batch.evict(ids)
+
+
+def _kernels_per_step(step) -> int:
+    """GPU kernels (and memcpy/memset) one eager decode step launches, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 RANDOM_MARK = "random_weights"
@@ -292,6 +309,7 @@ def main():
                 rows += [{**row, "batch": b, "decode_all_reduce": label, "graph_ms": round(results[(v, True, b)], 4),
                           "eager_ms": round(results[(v, False, b)], 4),
                           "prefill_ms": round(results[(v, "prefill", b)], 2),
+                          "kernels_per_step": results.get((v, "kernels", b)),
                           "capture_s": round(results[(v, "capture_s", True)], 2),
                           "broadcast_ms": round(results["broadcast"], 4)} for b in batches]
             print("\n".join(markdown(rows).splitlines()[2:]), flush=True)
@@ -313,13 +331,14 @@ def compile_label(compiled) -> str:
 
 def markdown(rows) -> str:
     out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | decode ms/step, "
-           "CUDA graph | decode ms/step, eager | prefill ms (32 tokens each) | capture s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "CUDA graph | decode ms/step, eager | kernels/step | prefill ms (32 tokens each) | capture s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
-            cells = ["skipped: " + r["skipped"][:120], "", "", ""]
+            cells = ["skipped: " + r["skipped"][:120], "", "", "", ""]
         else:
-            cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
+            cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", str(r.get("kernels_per_step", "")),
+                     f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
         out.append(f"| {r['model']} | {r['layers']} | {r['heads']} | {r['embd']} | {r['tp']} | {r['dtype']} "
                    f"| {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} | "
                    + " | ".join(cells) + " |")
