@@ -15,7 +15,9 @@
 #   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
 #   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
 #                                   1, 32, 128 (builds the random models first)           (~3-4 min)
-#   SKIP_BENCH=1                    all three benchmarks below
+#   SKIP_BENCH=1                    all the benchmarks below
+#   SKIP_CEILING=1                  the load generator's own ceiling: 128 users against a stand-in
+#                                   SSE server, 1/2/4 client processes (benchmarks/client_ceiling.py) (~1 min)
 #   SKIP_FIXED=1                    serve_tp + HF, fixed 32-token prompts / 64 tokens, greedy and
 #                                   sampled at 1, 32, 128 users                            (~2-3 min)
 #   SKIP_TUTORIAL=1                 the tutorial's serving, greedy and sampled, 1 and 32 users (~1-2 min)
@@ -56,7 +58,7 @@ M=/tmp/gpt2-small-shape
 QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
 skip() { [ "${!1:-0}" = 1 ]; }
 [ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1
-if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
+if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_CEILING=1 SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
 
 if ! skip SKIP_TESTS; then
   echo "== pytest -m gpu (correctness)"
@@ -100,6 +102,11 @@ export SERVE_ENV="${SERVE_ENV:-}"
 # the load generator's ceiling), so the client is not the cap at #10's 30k tokens/s.
 B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30 --client-processes ${CLIENT_PROCS:-auto}"
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
+if ! skip SKIP_CEILING; then
+  echo "== the load generator's ceiling: streamed chunks/s it can take, 1/2/4 client processes (no GPU)"
+  timeout 150 python3 -m benchmarks.client_ceiling --users 128 --max-tokens 64 --clients httpx,aiohttp \
+     --processes 1,2,4 --port 8221 2>&1 | tail -8 | tee "$R/client_ceiling.md"
+fi
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
   timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
