@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `serve_tp` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import plan, report, runner, workload  # noqa: E402
+from benchmarks import client_procs, plan, report, runner, workload  # noqa: E402
 from benchmarks import apps as apps_module  # noqa: E402
 from benchmarks.apps import Apps  # noqa: E402
 
@@ -88,6 +88,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float, default=200, help="goodput: time to first token at most this")
     p.add_argument("--slo-tpot-ms", type=float, default=20, help="goodput: time per output token at most this")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per target and sampling kind")
+    p.add_argument("--client-processes", default="1",
+                   help="client processes the load is split over (each its own event loop; closed-loop users "
+                        "or open-loop arrivals divided among them, results merged): one process reads about "
+                        "35-75k streamed chunks/s a core (benchmarks/client_ceiling.py), so a faster server "
+                        "needs more. 'auto': cpu_count // 8, between 1 and 4 (1 on small machines, where the "
+                        "processes would take the server's cores)")
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--level-timeout-s", type=float, default=600,
                    help="no new request starts after this long in one level")
@@ -127,6 +133,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.output_dist = workload.LengthDist.parse(args.realistic_output_tokens)
     except ValueError as exc:
         p.error(str(exc))
+    try:
+        args.client_processes = (client_procs.default_processes(os.cpu_count()) if args.client_processes == "auto"
+                                 else int(args.client_processes))
+    except ValueError:
+        p.error(f"--client-processes: a number or auto, got {args.client_processes!r}")
+    if args.client_processes < 1:
+        p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     if any(c < 1 for c in args.concurrency):
         p.error(f"--concurrency levels must be >= 1, got {args.concurrency}")
     if not args.concurrency and not args.request_rate:
@@ -214,7 +227,7 @@ def run_header(args: argparse.Namespace, n_prompt: Optional[int]) -> dict:
         "commit": _command(["git", "rev-parse", "--short", "HEAD"]),
         "targets": ",".join(args.targets), "model": model_name, "device": args.device,
         "gpus": gpus.splitlines() if gpus else None, "cpu_count": os.cpu_count(),
-        "tensor_parallel_size": args.tensor_parallel_size,
+        "tensor_parallel_size": args.tensor_parallel_size, "client_processes": args.client_processes,
         "sampling": {"fixed_kinds": args.sampling, "greedy": {"temperature": 0},
                      "sampled": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
                      "realistic_greedy_fraction": args.greedy_fraction},
@@ -233,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # The prompts are tokenized here before Ray starts its workers; quiet the tokenizers warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise (runner's probes)
     tok = load_tokenizer(args)
     prompt, n_prompt = build_prompt(args, tok)
     run_info = run_header(args, n_prompt)

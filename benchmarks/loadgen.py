@@ -12,12 +12,13 @@ Statistics over the results: `benchmarks.stats`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import aiohttp
 import httpx
 
 
@@ -73,81 +74,172 @@ def completion_body(model: Optional[str], prompt: str, max_tokens: int, temperat
     return body
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
-    """Send one streamed completion and time its SSE chunks; never raises."""
+# A JSON string escapes every quote inside it, so these byte patterns match only keys.
+_CHOICES_OPEN = re.compile(rb'"choices"\s*:\s*\[\s*\{')  # a non-empty choices list
+_TEXT_NON_EMPTY = re.compile(rb'"text"\s*:\s*"[^"]')
+
+
+class StreamTimer:
+    """Times one response's SSE lines into its RequestResult; the same for every HTTP client.
+
+    Per chunk it needs only: is it [DONE], an error, does it carry choices, is any choice's
+    text non-empty, does it carry usage. A chunk that names neither `usage` nor `error` (every
+    token's chunk) is read by two byte searches instead of json.loads (1.5 vs 5.4 us a chunk on the CPU box);
+    the rest are parsed in full. The clock is read once per chunk.
+    """
+
+    __slots__ = ("res", "start", "done", "first_choice")
+
+    def __init__(self, res: RequestResult, start: float):
+        self.res, self.start, self.done, self.first_choice = res, start, False, None
+
+    def line(self, line: bytes) -> bool:
+        """Take one line of the body; False once an error chunk ended the request."""
+        if not line.startswith(b"data:"):
+            return True  # blank separators, comments, `event:` lines
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            self.done = True  # read on to the end: closing early looks like a disconnect
+            return True
+        if b'"usage"' in data or b'"error"' in data:
+            return self._parsed(data)
+        now = time.perf_counter() - self.start
+        if self.first_choice is None and _CHOICES_OPEN.search(data):
+            self.first_choice = now
+        if _TEXT_NON_EMPTY.search(data):
+            self._text(now)
+        return True
+
+    def _text(self, now: float) -> None:
+        res = self.res
+        res.text_chunks += 1
+        res.last_token = now
+        if res.ttft is None:
+            res.ttft = now
+
+    def _parsed(self, data: bytes) -> bool:
+        chunk = json.loads(data)
+        res = self.res
+        if "error" in chunk:
+            res.error = f"error chunk: {json.dumps(chunk['error'])[:300]}"
+            return False
+        now = time.perf_counter() - self.start
+        choices = chunk.get("choices")
+        if choices:
+            if self.first_choice is None:
+                self.first_choice = now
+            if any(c.get("text") for c in choices):
+                self._text(now)
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            res.output_tokens = int(usage["completion_tokens"])
+            res.prompt_tokens = usage.get("prompt_tokens")
+            res.tokens_from_usage = True
+        return True
+
+    def finish(self) -> None:
+        """The stream ended: settle ok, output tokens and TTFT."""
+        res = self.res
+        res.latency = time.perf_counter() - self.start
+        if not self.done:
+            res.error = "stream ended without [DONE]"
+            return
+        if not res.tokens_from_usage:
+            res.output_tokens = res.text_chunks  # one token per chunk, as servers stream by default
+        if res.ttft is None and self.first_choice is not None:
+            # Tokens that decode to "" (special tokens; a random model past EOS) are not
+            # streamed, so the first choice that came is the first the client could see.
+            res.ttft = res.last_token = self.first_choice
+            res.no_visible_text = True
+        res.ok = res.ttft is not None
+        if not res.ok:
+            res.error = "no choices in the stream"
+
+
+def _new_result(body: dict) -> RequestResult:
+    return RequestResult(ok=False, greedy=body.get("temperature") == 0, max_tokens=body.get("max_tokens"))
+
+
+async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict) -> RequestResult:
+    """Send one streamed completion and time its SSE chunks; never raises.
+
+    aiohttp, as vLLM's benchmark client streams (`benchmarks/backend_request_func.py`): its
+    C HTTP parser and line reader cost a fraction of httpx's per chunk
+    (`benchmarks/client_ceiling.py`, BENCHMARKS.md "The load generator's own ceiling").
+    """
     start = time.perf_counter()
-    res = RequestResult(ok=False, greedy=body.get("temperature") == 0, max_tokens=body.get("max_tokens"))
+    res = _new_result(body)
+    try:
+        async with session.post(url, json=body) as resp:
+            res.status = resp.status
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.read())[:300].decode(errors='replace')}"
+                return res
+            timer = StreamTimer(res, start)
+            async for line in resp.content:  # one line at a time, however the bytes arrived
+                if not timer.line(line):
+                    return res
+            timer.finish()
+    except Exception as exc:  # timeouts, refused connections, broken streams: all count as errors
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+    return res
+
+
+async def stream_completion_httpx(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    """`stream_completion` over an httpx client (benchmarks/soak.py's); the same timing."""
+    start = time.perf_counter()
+    res = _new_result(body)
     try:
         async with client.stream("POST", url, json=body) as resp:
             res.status = resp.status_code
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300].decode(errors='replace')}"
                 return res
-            done, first_choice = False, None
+            timer = StreamTimer(res, start)
             async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True  # read on to the end: closing early looks like a disconnect
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    res.error = f"error chunk: {json.dumps(chunk['error'])[:300]}"
+                if not timer.line(line.encode()):
                     return res
-                now = time.perf_counter() - start
-                if chunk.get("choices") and first_choice is None:
-                    first_choice = now
-                if any(c.get("text") for c in chunk.get("choices") or []):
-                    res.text_chunks += 1
-                    res.last_token = now
-                    if res.ttft is None:
-                        res.ttft = now
-                usage = chunk.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    res.output_tokens = int(usage["completion_tokens"])
-                    res.prompt_tokens = usage.get("prompt_tokens")
-                    res.tokens_from_usage = True
-            res.latency = time.perf_counter() - start
-            if not done:
-                res.error = "stream ended without [DONE]"
-                return res
-            if not res.tokens_from_usage:
-                res.output_tokens = res.text_chunks  # one token per chunk, as servers stream by default
-            if res.ttft is None and first_choice is not None:
-                # Tokens that decode to "" (special tokens; a random model past EOS) are not
-                # streamed, so the first choice that came is the first the client could see.
-                res.ttft = res.last_token = first_choice
-                res.no_visible_text = True
-            res.ok = res.ttft is not None
-            if not res.ok:
-                res.error = "no choices in the stream"
-    except Exception as exc:  # timeouts, refused connections, broken streams: all count as errors
+            timer.finish()
+    except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:300]
     return res
 
 
-def _client(limits: httpx.Limits, timeout: httpx.Timeout, headers: Optional[dict], ssl_context,
-            transport: Optional[httpx.AsyncBaseTransport]) -> httpx.AsyncClient:
-    return httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers, verify=ssl_context, transport=transport)
+def session(request_timeout_s: float, headers: Optional[dict] = None) -> aiohttp.ClientSession:
+    """One session (one connection pool) for every user of this process.
+
+    aiohttp's pool looks a free connection up by host, so sharing it costs nothing per
+    request (httpx's pool matched every queued request against every connection: O(users^2),
+    which is why the httpx client used one pool per user). The read timeout is per read,
+    as httpx's was: a long stream is fine as long as chunks keep coming.
+    """
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, request_timeout_s),
+                                    sock_read=request_timeout_s)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
+                                 read_bufsize=1 << 20)  # a chunk with logprobs can be long
 
 
-def _transport_settings(request_timeout_s: float):
-    # One connection pool per client, not one shared pool: httpcore matches every queued
-    # request against every pooled connection on each request and response, so a shared
-    # pool costs O(clients^2) per request. At 128 clients that made this (single-threaded)
-    # load generator the bottleneck: stalls of 1-6 s before a request was even sent,
-    # charged to the server's TTFT. The clients share one TLS context: loading one per
-    # client costs ~20 ms each.
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    timeout = httpx.Timeout(request_timeout_s, connect=min(30.0, request_timeout_s))
-    return limits, timeout, httpx.create_ssl_context()
+def level_start(start_at: Optional[float]) -> float:
+    """The level's start on this process's perf_counter, from a wall-clock time shared by processes.
+
+    Several client processes get the same `start_at` (time.time()); each turns it into its
+    own perf_counter once, so their schedules and `sent_at`s share one clock.
+    """
+    now = time.perf_counter()
+    return now if start_at is None else now + (start_at - time.time())
 
 
-async def _send(client: httpx.AsyncClient, url: str, bodies: Sequence[dict], index: int, start: float,
+async def _wait_until(start: float) -> None:
+    wait = start - time.perf_counter()
+    if wait > 0:
+        await asyncio.sleep(wait)
+
+
+async def _send(session_: aiohttp.ClientSession, url: str, bodies: Sequence[dict], index: int, start: float,
                 scheduled_at: Optional[float] = None) -> RequestResult:
     sent_at = time.perf_counter() - start
-    res = await stream_completion(client, url, bodies[index])
+    res = await stream_completion(session_, url, bodies[index])
     res.index, res.sent_at, res.scheduled_at = index, sent_at, scheduled_at
     return res
 
@@ -161,35 +253,34 @@ async def run_level(
     request_timeout_s: float,
     level_timeout_s: float,
     headers: Optional[dict] = None,
-    transport: Optional[httpx.AsyncBaseTransport] = None,
+    first_index: int = 0,
+    start_at: Optional[float] = None,
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` clients, each sending up to `requests_per_client` requests in turn.
 
-    Request k of the level (in the order they are sent) is `bodies[k % len(bodies)]`. A
-    client sends no new request once `level_timeout_s` has passed, so the level ends by
+    Request k of the level (in the order they are sent) is `bodies[(first_index + k) % len(bodies)]`.
+    A client sends no new request once `level_timeout_s` has passed, so the level ends by
     itself even against a slow server. Returns the results and the level's wall time.
-    `transport` replaces the network (the unit tests' canned server).
+    `first_index` and `start_at` (a time.time() to start at) let several processes share
+    one level (benchmarks/client_procs.py).
     """
     bodies = [bodies] if isinstance(bodies, dict) else list(bodies)
-    limits, timeout, ssl_context = _transport_settings(request_timeout_s)
     results: list[RequestResult] = []
-    next_index = 0
-    async with contextlib.AsyncExitStack() as stack:
-        # Made before the clock starts.
-        clients = [await stack.enter_async_context(_client(limits, timeout, headers, ssl_context, transport))
-                   for _ in range(concurrency)]
-        start = time.perf_counter()
+    next_index = first_index
+    async with session(request_timeout_s, headers) as http:  # made before the clock starts
+        start = level_start(start_at)
+        await _wait_until(start)
         deadline = start + level_timeout_s
 
-        async def one_client(client: httpx.AsyncClient) -> None:
+        async def one_client() -> None:
             nonlocal next_index
             for _ in range(requests_per_client):
                 if time.perf_counter() > deadline:
                     return
                 index, next_index = next_index % len(bodies), next_index + 1
-                results.append(await _send(client, url, bodies, index, start))
+                results.append(await _send(http, url, bodies, index, start))
 
-        await asyncio.gather(*(one_client(client) for client in clients))
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
         duration = time.perf_counter() - start
     return results, duration
 
@@ -202,41 +293,32 @@ async def run_open_loop(
     request_timeout_s: float,
     level_timeout_s: float,
     headers: Optional[dict] = None,
-    clients_ready: int = 64,
-    transport: Optional[httpx.AsyncBaseTransport] = None,
+    indices: Optional[Sequence[int]] = None,
+    start_at: Optional[float] = None,
 ) -> tuple[list[RequestResult], float]:
     """Send request i at `arrivals[i]` seconds from the start, finished or not the ones before.
 
-    Request i is `bodies[i % len(bodies)]` (one fixed body serves every arrival).
-    No request is sent after `level_timeout_s`. Each request in flight has its own client
-    (a free one, or a new one when all are busy; `clients_ready` are made before the clock
-    starts). Every result records when it was due and when it was sent, so a client that
-    fell behind its schedule shows in the results. Returns the results and the wall time
-    from the start to the last response.
+    Request i is `bodies[indices[i] % len(bodies)]` (indices default to 0, 1, ...; one fixed
+    body serves every arrival). No request is sent after `level_timeout_s`. Every result
+    records when it was due and when it was sent, so a client that fell behind its schedule
+    shows in the results. Returns the results and the wall time from the start to the last
+    response. `indices` and `start_at` (a time.time() to start at) let several processes
+    share one level's arrivals (benchmarks/client_procs.py).
     """
-    limits, timeout, ssl_context = _transport_settings(request_timeout_s)
+    indices = range(len(arrivals)) if indices is None else indices
     results: list[RequestResult] = []
-    async with contextlib.AsyncExitStack() as stack:
-        free = [await stack.enter_async_context(_client(limits, timeout, headers, ssl_context, transport))
-                for _ in range(min(clients_ready, len(arrivals)))]
 
-        async def one_request(index: int, due: float) -> None:
-            client = free.pop() if free else await stack.enter_async_context(
-                _client(limits, timeout, headers, ssl_context, transport))
-            try:
-                results.append(await _send(client, url, bodies, index % len(bodies), start, scheduled_at=due))
-            finally:
-                free.append(client)
+    async def one_request(http: aiohttp.ClientSession, index: int, due: float) -> None:
+        results.append(await _send(http, url, bodies, index % len(bodies), start, scheduled_at=due))
 
-        start = time.perf_counter()
+    async with session(request_timeout_s, headers) as http:
+        start = level_start(start_at)
         tasks = []
-        for index, due in enumerate(arrivals):
+        for index, due in zip(indices, arrivals):
             if due > level_timeout_s:
                 break
-            wait = start + due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one_request(index, due)))
+            await _wait_until(start + due)
+            tasks.append(asyncio.create_task(one_request(http, index, due)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return results, duration

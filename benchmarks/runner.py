@@ -1,6 +1,7 @@
 """Run a benchmark's levels against one target (an HTTP server, or HF generate in-process).
 
-For each level: its bodies (benchmarks/plan.py), closed or open loop (benchmarks/loadgen.py),
+For each level: its bodies (benchmarks/plan.py), closed or open loop (benchmarks/loadgen.py, over
+--client-processes processes by benchmarks/client_procs.py),
 one summarized row (benchmarks/stats.py) with the requests it had to clamp and the prompts
 the server counted differently, printed as it finishes.
 """
@@ -11,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from benchmarks import loadgen, plan, report, stats
+from benchmarks import client_procs, plan, report, stats
 
 
 def model_context(args: argparse.Namespace) -> Optional[int]:
@@ -71,8 +72,8 @@ async def bench_http(target: str, base: str, levels: list[plan.Level], bodies: p
     warm = [bodies.body(bodies.fixed_prompt, min(16, bodies.fixed_max(limit)), greedy)
             for greedy in (True, False) if kinds & ({"greedy", "mixed"} if greedy else {"sampled", "mixed"})]
     for _ in range(args.warmup):
-        results, _ = await loadgen.run_level(url, warm, 1, len(warm), request_timeout_s=args.request_timeout_s,
-                                             level_timeout_s=1e9, headers=headers)
+        results, _, _ = await client_procs.run_level(url, warm, 1, len(warm), request_timeout_s=args.request_timeout_s,
+                                                     level_timeout_s=1e9, headers=headers)
         bad = [r.error for r in results if not r.ok]
         if bad:
             raise SystemExit(f"{target}: warm-up request to {url} failed: {bad[0]}")
@@ -81,22 +82,25 @@ async def bench_http(target: str, base: str, levels: list[plan.Level], bodies: p
     for level in levels:
         n = level.n_requests(args.requests_per_client, args.rate_duration_s)
         level_bodies, specs = bodies.for_level(level, n, limit)
-        timeouts = {"request_timeout_s": args.request_timeout_s, "level_timeout_s": args.level_timeout_s,
-                    "headers": headers}
+        settings = {"request_timeout_s": args.request_timeout_s, "level_timeout_s": args.level_timeout_s,
+                    "headers": headers, "processes": args.client_processes}
         if meter is not None:
             meter.start()
         if level.open_loop:
-            results, duration = await loadgen.run_open_loop(
-                url, level_bodies, plan.arrivals(level, n, args.seed), **timeouts)
+            results, duration, client_cpu_s = await client_procs.run_open_loop(
+                url, level_bodies, plan.arrivals(level, n, args.seed), **settings)
         else:
-            results, duration = await loadgen.run_level(
-                url, level_bodies, level.concurrency, args.requests_per_client, **timeouts)
+            results, duration, client_cpu_s = await client_procs.run_level(
+                url, level_bodies, level.concurrency, args.requests_per_client, **settings)
         row = stats.summarize(target, level.concurrency, results, duration, slo,
                               greedy_fraction=args.greedy_fraction, **level.labels())
         rows.append(finish_row(row, specs, results))
         _progress(row)
         if meter is not None:
-            row["cpu"] = _cpu_row(meter.stop(), results)
+            spent = meter.stop()
+            if args.client_processes > 1:  # the client's work ran in its processes, not in this one
+                spent["client"] = round(spent.get("client", 0.0) + client_cpu_s, 4)
+            row["cpu"] = _cpu_row(spent, results)
             print("    CPU ms per request / per chunk: " + ", ".join(
                 f"{role} {c['ms_per_request']}/{c['ms_per_chunk']}" for role, c in row["cpu"].items()
                 if isinstance(c, dict)) + f"; chunks per request {row['cpu']['text_chunks_per_request']}", flush=True)

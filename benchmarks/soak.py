@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
-from benchmarks.loadgen import completion_body, stream_completion
+from benchmarks.loadgen import completion_body, stream_completion_httpx
 from benchmarks.stats import percentile
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ async def client_loop(client: httpx.AsyncClient, body: dict, args, deadline: flo
     while time.monotonic() < deadline:
         turn += 1
         if turn % 2:
-            res = await stream_completion(client, "/v1/completions", body)
+            res = await stream_completion_httpx(client, "/v1/completions", body)
             done = Done(time.monotonic(), res.ok and res.output_tokens == args.max_tokens,
                         res.latency or 0.0, res.error)
             if res.ok and res.output_tokens != args.max_tokens:

