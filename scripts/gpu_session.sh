@@ -142,7 +142,7 @@ if ! skip SKIP_REALISTIC; then
 fi
 if [ "${INGRESS:-0}" = 1 ]; then
   echo "== the HTTP path: Serve's proxy, HAProxy, direct ingress x stream batching off/on"
-  SERVE_ENV= MODEL=$M TP=2 DEVICE=cuda OUT="$R" LEVELS=${INGRESS_LEVELS:-1,32,128} MAX_TOKENS=64 RPC=4 \
+  SERVE_ENV= MODEL=$M TP=${TP:-2} DEVICE=cuda OUT="$R" LEVELS=${INGRESS_LEVELS:-1,32,128} MAX_TOKENS=64 RPC=4 \
     VARIANTS="${INGRESS_VARIANTS:-proxy proxy_batched haproxy haproxy_batched direct direct_batched}" VARIANT_TIMEOUT_S=150 \
     SERVE_TP_ARGS="--serve-tp-arg max_batch_size=128 --serve-tp-arg max_ongoing_requests=256 --level-timeout-s 30" \
     timeout 540 bash benchmarks/ingress_compare.sh 2>&1 | grep -v "$QUIET" | tail -80
