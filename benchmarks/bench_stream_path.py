@@ -147,6 +147,26 @@ async def _rank0(args) -> dict:
     return {"us_per_row": 1e6 * cpu / (steps * len(rows))}
 
 
+def _ray_serialize(users: int) -> float:
+    """Microseconds Ray's own serializer takes for one poll answer of `users` rows, as this
+    checkout's rank 0 returns it (a dict of SequenceOutputs, or those packed to bytes)."""
+    import ray
+
+    from serve_tp.messages import SequenceOutput
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        context = ray._private.worker.global_worker.get_serialization_context()
+        answer = {f"cmpl-{i:032x}-0": SequenceOutput(token_ids=[1000 + i]) for i in range(users)}
+        n = 300
+        cpu0 = time.process_time()
+        for _ in range(n):
+            context.serialize(_WIRE_PACK(answer) if _WIRE_PACK else answer)
+        return 1e6 * (time.process_time() - cpu0) / n
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/tmp/bench-tiny-1k", help="a model directory with tokenizer.json")
@@ -156,7 +176,10 @@ def main() -> None:
     p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. " * 3)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ray", action="store_true", help="also time Ray's serializer on one poll answer (starts Ray)")
     args = p.parse_args()
+    if args.ray:
+        print(f"Ray serializes a poll answer of {args.users} rows in {_ray_serialize(args.users):.0f} us", flush=True)
     for r in range(args.rounds):
         replica, rank0 = asyncio.run(_replica(args)), asyncio.run(_rank0(args))
         print(f"round {r + 1}: replica {replica['us_per_request']:.0f} us/request = "
