@@ -8,6 +8,7 @@ uses it, checked by type checkers instead of string keys.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -102,6 +103,9 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
 
+    def __reduce__(self):
+        return TokenLogprob, (self.token_id, self.logprob, self.top)  # not a frozen dataclass's state dict
+
 
 @dataclass
 class SequenceOutput:
@@ -120,6 +124,16 @@ class SequenceOutput:
     error: Optional[str] = None
     group_failed: bool = False  # with "error": the whole TP group failed (503), not this sequence alone
 
+    def __reduce__(self):
+        """Its fields in order, trailing defaults left out: a decode step's output pickles as
+        (class, ([token],)), not as a class and a state dict of six fields."""
+        if self.logprobs is None and self.prompt_logprobs is None and self.error is None and not self.group_failed:
+            if self.finish_reason is None:
+                return SequenceOutput, (self.token_ids,)
+            return SequenceOutput, (self.token_ids, None, None, self.finish_reason)
+        return SequenceOutput, (self.token_ids, self.logprobs, self.prompt_logprobs, self.finish_reason,
+                                self.error, self.group_failed)
+
     def merge(self, later: "SequenceOutput") -> "SequenceOutput":
         """This output followed by `later`, as one."""
         logprobs = None
@@ -133,3 +147,21 @@ class SequenceOutput:
             error=later.error,
             group_failed=later.group_failed,
         )
+
+
+# Rank 0 <-> replica, as bytes. Ray pickles an actor call's arguments and results with
+# cloudpickle, a Python-level Pickler: a poll's dict of 128 outputs cost ~475 us to
+# serialize on rank 0 (whose GIL the engine thread shares) and about half that to read
+# on the replica. Ray passes `bytes` through as they are, so these messages are pickled
+# with the C pickler instead (~70 us; benchmarks/bench_stream_path.py). Both ends are our
+# own processes, as with Ray's own pickling.
+
+
+def pack(message) -> bytes:
+    """A message (SequenceRequest, a poll's dict of SequenceOutputs) for an actor call."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes):
+    """What `pack` packed."""
+    return pickle.loads(data)

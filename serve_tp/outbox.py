@@ -52,7 +52,9 @@ class Outbox:
     async def get(self) -> Item:
         """The outputs merged since the last get, once they are due; waits for the first one."""
         loop = asyncio.get_running_loop()
-        while self._pending is None or self._delay(loop) > 0:
+        if self._pending is None or self._delay(loop) > 0:
+            # Resolved only once the pending output is due (`_wake_if_due`), so one wait does:
+            # checking the delay again would cost a second look at the pacing per output.
             self._waiter = loop.create_future()
             self._wake_if_due()
             try:
@@ -68,7 +70,10 @@ class Outbox:
         pending = self._pending
         if isinstance(pending, BaseException) or pending.finish_reason is not None:
             return 0.0  # an end is never held back
-        return self._last_out + self._interval_s() - loop.time()
+        interval = self._interval_s()
+        if interval <= 0:
+            return 0.0  # unpaced: skip the clock
+        return self._last_out + interval - loop.time()
 
     def _wake_if_due(self) -> None:
         waiter = self._waiter

@@ -14,7 +14,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
+from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pack, unpack
 from serve_tp.outbox import Outbox
 from serve_tp.placement import (
     rank_bundle_index, rank_resources, resolve_cpu_all_reduce, resolve_gpu_all_reduce, resolve_plan_channel,
@@ -113,7 +113,7 @@ class TPGroup:
         finished = False
         try:
             try:
-                await self.workers[0].submit.remote(request)
+                await self.workers[0].submit.remote(pack(request))
             except ray.exceptions.RayError as exc:
                 raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
             while not finished:
@@ -131,7 +131,7 @@ class TPGroup:
         """The replica's one reader of rank 0's outputs, fanned out to the waiting sequences."""
         while self._outboxes:
             try:
-                outputs = await self.workers[0].poll.remote(POLL_TIMEOUT_S)
+                outputs = unpack(await self.workers[0].poll.remote(POLL_TIMEOUT_S))
             except ray.exceptions.RayError as exc:
                 self._poll_failure = f"rank 0 failed: {type(exc).__name__}"
                 for outbox in self._outboxes.values():

@@ -88,8 +88,8 @@ class IncrementalDetokenizer:
         self._prefix = 0  # start of the window decoded for context
         self._read = 0  # end of the text already emitted
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)  # slices of self.ids: lists already
 
     def push(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(token_ids)

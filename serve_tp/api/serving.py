@@ -4,7 +4,6 @@ fan sequences out, detokenize, apply stop strings, shape OpenAI responses (logpr
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from serve_tp.api.logprobs import HeldLogprobs, LogprobEntry, prompt_entries, re
 from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
 from serve_tp.api.plan import RequestPlanner, SequenceJob
 from serve_tp.api.protocol import CompletionRequest
-from serve_tp.messages import SequenceOutput, SequenceRequest
+from serve_tp.api.sse import DONE, CompletionChunks, event
+from serve_tp.messages import SequenceRequest
 from serve_tp.tp_group import RankFailure, TPGroup
 
 
@@ -55,39 +55,36 @@ class CompletionService:
             held = HeldLogprobs(self.pieces, params.logprobs, text_start=len(job.prompt_text) if job.echo else 0)
         echo_owed = job.echo  # the echo goes out with the first output, which brings the prompt's logprobs
         request = SequenceRequest(f"{request_id}-{job.index}", tuple(job.prompt_ids), params)
-        async for item in self._timed(self.group.generate(request)):
-            if item.finish_reason == "error" and item.group_failed:
-                raise APIError(503, f"the model group failed while generating: {item.error}",
-                               code="engine_failure", headers={"Retry-After": "5"})
-            if item.finish_reason == "error":  # this sequence alone failed; the group serves on
-                raise APIError(500, f"generation failed: {item.error or 'no reason given'}",
-                               code="generation_failed")
-            prefix, logprobs = "", None
-            if echo_owed:
-                prefix, echo_owed = job.prompt_text, False
-                if params.logprobs is not None:
-                    logprobs = prompt_entries(self.pieces, job.prompt_ids, item.prompt_logprobs, params.logprobs)
-            if held is not None:
-                held.add(item.token_ids, item.logprobs)
-            finish = item.finish_reason
-            new_text = text.push(item.token_ids, finish)
-            if held is not None:
-                ended_whole = finish is not None and not text.stopped
-                logprobs = (logprobs or []) + (held.release_all() if ended_whole else held.release(text.emitted))
-            if text.stopped or finish == "cancelled":
-                finish = "stop"  # leaving the generator after a stop string cancels the sequence on rank 0
-            if prefix or new_text or finish or logprobs:
-                yield TextDelta(job.index, prefix + new_text, finish, text.produced, logprobs)
-            if finish is not None:
-                return
-
-    async def _timed(self, items: AsyncIterator[SequenceOutput]) -> AsyncIterator[SequenceOutput]:
-        """Rank 0's items for one sequence, timed as they arrive (TTFT, TPOT, tokens)."""
+        # Timed here as outputs arrive (TTFT, TPOT, tokens), not in a generator of its own: each
+        # generator layer is one more resumption per output on the replica's one thread.
         timer = SequenceTimer(self.metric_tags)
         try:
-            async for item in items:
+            async for item in self.group.generate(request):
                 timer.tokens_arrived(len(item.token_ids))
-                yield item
+                if item.finish_reason == "error" and item.group_failed:
+                    raise APIError(503, f"the model group failed while generating: {item.error}",
+                                   code="engine_failure", headers={"Retry-After": "5"})
+                if item.finish_reason == "error":  # this sequence alone failed; the group serves on
+                    raise APIError(500, f"generation failed: {item.error or 'no reason given'}",
+                                   code="generation_failed")
+                prefix, logprobs = "", None
+                if echo_owed:
+                    prefix, echo_owed = job.prompt_text, False
+                    if params.logprobs is not None:
+                        logprobs = prompt_entries(self.pieces, job.prompt_ids, item.prompt_logprobs, params.logprobs)
+                if held is not None:
+                    held.add(item.token_ids, item.logprobs)
+                finish = item.finish_reason
+                new_text = text.push(item.token_ids, finish)
+                if held is not None:
+                    ended_whole = finish is not None and not text.stopped
+                    logprobs = (logprobs or []) + (held.release_all() if ended_whole else held.release(text.emitted))
+                if text.stopped or finish == "cancelled":
+                    finish = "stop"  # leaving the generator after a stop string cancels the sequence on rank 0
+                if prefix or new_text or finish or logprobs:
+                    yield TextDelta(job.index, prefix + new_text, finish, text.produced, logprobs)
+                if finish is not None:
+                    return
         finally:
             timer.finished()
 
@@ -104,12 +101,13 @@ class CompletionService:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def _merged(self, jobs: list[SequenceJob], request_id: str) -> AsyncIterator[TextDelta]:
+    def _merged(self, jobs: list[SequenceJob], request_id: str) -> AsyncIterator[TextDelta]:
         """All sequences of a request, interleaved as their tokens arrive."""
-        if len(jobs) == 1:
-            async for delta in self._run(jobs[0], request_id):
-                yield delta
-            return
+        if len(jobs) == 1:  # the common case, without a generator layer around it
+            return self._run(jobs[0], request_id)
+        return self._interleaved(jobs, request_id)
+
+    async def _interleaved(self, jobs: list[SequenceJob], request_id: str) -> AsyncIterator[TextDelta]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(job):
@@ -167,27 +165,20 @@ class CompletionService:
         """
         request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
         self._count_prompt_tokens(req, jobs)
-
-        def chunk(d: TextDelta) -> str:
-            choice = {"index": d.index, "text": d.text,
-                      "logprobs": None if d.logprobs is None else render(d.logprobs), "finish_reason": d.finish_reason}
-            body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
+        chunks = CompletionChunks(request_id, created, model)
         tokens = {}
         try:
             async with self._deadline():
                 async for d in self._merged(jobs, request_id):
                     tokens[d.index] = d.completion_tokens
-                    yield chunk(d)
+                    yield chunks.text(d.index, d.text, d.finish_reason,
+                                      None if d.logprobs is None else render(d.logprobs))
             if req.stream_options and req.stream_options.include_usage:
-                body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [], "usage": self._usage(req, jobs, tokens)}
-                yield f"data: {json.dumps(body)}\n\n"
+                yield event({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                             "choices": [], "usage": self._usage(req, jobs, tokens)})
         except APIError as err:
-            yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
-        yield "data: [DONE]\n\n"
+            yield event(error_body(err.status, err.message, err.param, err.code))
+        yield DONE
 
     def _deadline(self):
         return _Deadline(self.config.request_timeout_s)

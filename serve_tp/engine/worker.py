@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Optional
 
-from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest
+from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,10 @@ class InferenceWorker:
         }
         return self.info
 
-    async def submit(self, request: SequenceRequest) -> None:
-        """Rank 0: queue one sequence; its outputs come back through `poll`."""
+    async def submit(self, packed: bytes) -> None:
+        """Rank 0: queue one sequence (a packed SequenceRequest); its outputs come back through `poll`."""
         self._bind_event_loop()
+        request: SequenceRequest = unpack(packed)
         seq_id = request.seq_id
         self.engine.submit(request, lambda out: self._post(seq_id, out))
 
@@ -101,8 +102,9 @@ class InferenceWorker:
             self._signalled = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def poll(self, timeout_s: float) -> dict[str, SequenceOutput]:
-        """Rank 0: every sequence's new tokens since the last poll, waiting up to `timeout_s`.
+    async def poll(self, timeout_s: float) -> bytes:
+        """Rank 0: every sequence's new tokens since the last poll, waiting up to `timeout_s`,
+        as a packed dict seq_id -> SequenceOutput (serve_tp.messages.pack).
 
         One call carries the whole batch's step (or several steps), so streaming costs one
         Ray round trip per step instead of one per token per sequence.
@@ -111,7 +113,7 @@ class InferenceWorker:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except asyncio.TimeoutError:
-            return {}
+            return pack({})
         with self._outbox_lock:
             box, self._outbox, self._signalled = self._outbox, {}, False
             self._ready.clear()
@@ -121,7 +123,7 @@ class InferenceWorker:
             for later in outs[1:]:
                 out = out.merge(later)
             merged[seq_id] = out
-        return merged
+        return pack(merged)
 
     def cancel(self, seq_id: str) -> None:
         if self.engine is not None:
