@@ -130,3 +130,31 @@ class DecodeRunner:
         self._positions[:batch].copy_(host[1])
         self._graphs[(batch, span)].replay()
         return self._outputs[(batch, span)][:n]
+
+    @torch.inference_mode()
+    def run_sampled(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """`run` with the tokens already on the device (async scheduling).
+
+        Nothing here waits for the device: the positions go up from pinned memory without
+        blocking (a pageable copy would wait for the previous step to finish, and the host
+        would lose the step it is meant to gain), the tokens never leave it.
+        """
+        n = tokens.shape[0]
+        span = attention_span(max(positions) + 1, self.cache.max_len)
+        if not self._graphs:
+            return self.forward.decode(self.cache, tokens, _upload(positions, tokens.device), span)
+        batch = bucket_for(n, self.batches)
+        padded = padded_inputs([0] * n, positions, batch, self.cache.max_len)[1]
+        self._tokens[:n].copy_(tokens)
+        self._tokens[n:batch].zero_()
+        self._positions[:batch].copy_(_upload(padded, self._positions.device))
+        self._graphs[(batch, span)].replay()
+        return self._outputs[(batch, span)][:n]
+
+
+def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host ints on `device` without waiting for the device (pinned, non-blocking on cuda)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    host = torch.tensor(values, dtype=torch.long, pin_memory=True)
+    return host.to(device, non_blocking=True)  # torch keeps the pinned block until the copy is done
