@@ -7,8 +7,8 @@ The workload: greedy and seeded sampled rows (one with every penalty, so the sam
 device-side history must advance without the host), logprobs, an EOS finish and a stop-id
 finish, a one-token sequence (its first token ends it, so async computes an extra row for
 it), echo scoring (max_tokens 0), a sequence that fills the context (its extra step writes
-the cache's last position), a self-cancelling one, joins while others decode, more
-sequences than slots, and chunked prefill (7 tokens a step).
+the cache's last position), a self-cancelling one, one the sampler refuses, joins while
+others decode, more sequences than slots, and chunked prefill (7 tokens a step).
 """
 
 from __future__ import annotations
@@ -44,15 +44,26 @@ def long_prompt(tokenizer, n: int) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def workload(tiny_model_dir):
     """(jobs, the EOS id the one-process engine is given, each greedy job's float64 tokens)."""
-    tokenizer = reference.tokenizer(tiny_model_dir)
-    context = reference.hf_model(tiny_model_dir).config.n_positions
+    jobs, eos = mixed_jobs(tiny_model_dir)
+    by_id = {job.seq_id: job for job in jobs}
+    solo = {sid: reference.greedy(tiny_model_dir, job.prompt, job.params.max_tokens)
+            for sid, job in by_id.items() if job.params.temperature == 0 and job.params.max_tokens and sid != "full"}
+    solo["full"] = reference.greedy(tiny_model_dir, by_id["full"].prompt, 4)
+    return jobs, eos, solo
+
+
+def mixed_jobs(model_dir: str) -> tuple[list[Job], int]:
+    """The workload for `model_dir` (tests/test_gpu.py runs it too), and the EOS id to give an
+    engine so that the "eos" job meets it."""
+    tokenizer = reference.tokenizer(model_dir)
+    context = reference.hf_model(model_dir).config.n_positions
     enc = lambda text: tuple(tokenizer.encode(text))  # noqa: E731
     hello, fox, story = enc("Hello"), enc("The quick brown fox jumps"), enc("Once upon a time")
     # The tiny model seldom picks its real EOS greedily, so the engine's EOS is a token the
     # greedy continuation of "Hello" reaches (tests/test_engine.py does the same).
-    hello_solo = reference.greedy(tiny_model_dir, hello, 20)
+    hello_solo = reference.greedy(model_dir, hello, 20)
     eos = hello_solo[5]
-    story_solo = reference.greedy(tiny_model_dir, story, 20)
+    story_solo = reference.greedy(model_dir, story, 20)
     stop_id = story_solo[4]
     near_full = long_prompt(tokenizer, context - 4)
     jobs = [
@@ -71,11 +82,10 @@ def workload(tiny_model_dir):
         Job("echo", fox, SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=2), after=("greedy", 1)),
         Job("long", long_prompt(tokenizer, 100), greedy(10), after=("greedy", 5)),
         Job("full", near_full, greedy(20), after=("cancelled", 2)),
+        # the API refuses top_p 0 with a 400; should it reach rank 0, the sampler ends it alone
+        Job("refused", hello, SamplingParams(max_tokens=8, top_p=0.0), after=("seeded", 6)),
     ]
-    solo = {job.seq_id: reference.greedy(tiny_model_dir, job.prompt, job.params.max_tokens)
-            for job in jobs if job.params.temperature == 0 and job.params.max_tokens and job.seq_id != "full"}
-    solo["full"] = reference.greedy(tiny_model_dir, near_full, 4)
-    return jobs, eos, solo
+    return jobs, eos
 
 
 def start_engine(model_dir: str, eos: int, async_scheduling: bool) -> EngineLoop:
@@ -114,6 +124,7 @@ def check_against_reference(outcomes, jobs, solo, eos=None):
     assert outcomes["stop_id"].finish == "stop" and outcomes["stop_id"].tokens[-1] == stop_id
     assert outcomes["stop_id"].tokens == solo["stop_id"][: solo["stop_id"].index(stop_id) + 1]
     assert (outcomes["one"].finish, len(outcomes["one"].tokens)) == ("length", 1)
+    assert (outcomes["refused"].finish, outcomes["refused"].tokens) == ("error", [])
     assert (outcomes["full"].finish, outcomes["full"].tokens) == ("length", solo["full"])  # the context is full
     echo = outcomes["echo"]
     assert (echo.finish, echo.tokens, len(echo.prompt_logprobs)) == ("length", [], len(by_id["echo"].prompt))

@@ -150,10 +150,11 @@ def _engine_rank_main(rank, world_size, port, model_dir, jobs, results, extra):
         from tests.engine_workload import drive
 
         context = json.loads((Path(model_dir) / "config.json").read_text())["n_positions"]
-        settings = RankSettings(model=model_dir, served_model_name="tp-test", device="cpu", dtype="float32",
-                                context_length=context, collective_timeout_s=120, batch_wait_timeout_s=0,
-                                **extra)
-        setup = setup_rank(rank, world_size, "127.0.0.1", port, settings)
+        settings = RankSettings(**{"model": model_dir, "served_model_name": "tp-test", "device": "cpu",
+                                   "dtype": "float32", "context_length": context, "collective_timeout_s": 120,
+                                   "batch_wait_timeout_s": 0, **extra})
+        setup = setup_rank(rank, world_size, "127.0.0.1", port, settings,
+                           cuda_index=rank if settings.device == "cuda" else 0)
         engine = build_engine(setup, settings)
         engine.start()
         outcomes = None
@@ -172,7 +173,8 @@ def _engine_rank_main(rank, world_size, port, model_dir, jobs, results, extra):
 
 def run_tp_engine(model_dir: str, world_size: int, jobs, **settings) -> dict[int, tuple[dict, dict]]:
     """{rank: (rank 0's outcomes by seq_id or None, rank info and engine counters)} of `jobs`
-    served by `world_size` CPU ranks; `settings`: RankSettings fields (max_batch_size is required)."""
+    served by `world_size` ranks; `settings`: RankSettings fields (max_batch_size is required;
+    device "cpu" and dtype "float32" unless given)."""
     return _spawn_and_collect(_engine_rank_main, world_size, lambda results: (model_dir, jobs, results, settings))
 
 
