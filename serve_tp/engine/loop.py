@@ -37,7 +37,9 @@ class StepTimings:
     """Where rank 0's working steps spend their time, averaged over the last window.
 
     On GPU the forward only launches kernels (or replays a graph); waiting for them to
-    finish falls in `sample_and_emit`, where the sampled tokens are first read back.
+    finish falls in `sample_and_emit`, where the sampled tokens are first read back. With
+    async scheduling `sample_and_emit` is this step's sampling (launched) plus the wait for
+    and delivery of the previous step's tokens, while this step runs on the device.
     """
 
     WINDOW = 256
