@@ -173,9 +173,7 @@ class EngineLoop:
             step = self._execute(plan, joining)
             t2 = clock()
             if step.logits is not None:
-                sampled = self._sample(step)
-                if sampled is not None:
-                    self._deliver(sampled)
+                self._deliver(self._sample(step))
             self._stepped(plan, t0, t1, t2, clock())
 
     def _lead_async(self) -> None:
@@ -251,19 +249,17 @@ class EngineLoop:
             self.sampler.admit(slot, PLACEHOLDER_PARAMS, seq.seed, ())
             self.outputs.fail(seq, f"invalid sampling parameters: {exc}")
 
-    def _sample(self, step: StepLogits, copy_ahead: bool = False) -> Optional[SampledStep]:
+    def _sample(self, step: StepLogits, copy_ahead: bool = False) -> SampledStep:
         """Sample the step's rows; their tokens stay on the device (`batch.sampled` keeps them
-        for async scheduling's next step). None when sampling failed: the step's sequences
-        ended with an error."""
+        for async scheduling's next step). A failed sampling ends the step's sequences with an
+        error when the step is delivered (after the step before it, as a delivery would)."""
         rows = [self.scheduler.sequence(sid) for sid in self.batch.seq_ids]
         try:
             result = self.sampler.sample(step.logits)
         except Exception as exc:  # confined to this step's sequences: the group keeps serving
             logger.exception("sampling failed for a batch of %d sequences", len(rows))
-            for seq in rows:
-                if not seq.ended:
-                    self.outputs.fail(seq, f"sampling failed: {type(exc).__name__}")
-            return None
+            # async: the next step decodes stale tokens for these rows; they have ended by then
+            return SampledStep.failed(rows, f"sampling failed: {type(exc).__name__}", self.plans_sent)
         if self.async_scheduling:
             self.batch.keep_sampled(result.tokens)
         scored = {}
@@ -273,6 +269,11 @@ class EngineLoop:
         return SampledStep(rows, result, scored, self.plans_sent, copy_ahead)
 
     def _deliver(self, sampled: SampledStep) -> None:
+        if sampled.error is not None:
+            for seq in sampled.rows:
+                if not seq.ended:  # async: some finished in the step before
+                    self.outputs.fail(seq, sampled.error)
+            return
         tokens, logprobs = sampled.read()  # the step's one device-to-host wait
         self.sampled_steps += 1
         if self.plans_sent > sampled.plan_index:

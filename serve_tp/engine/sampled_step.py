@@ -33,20 +33,25 @@ class SampledStep:
     before or after it sent the next plan.
     """
 
-    def __init__(self, rows: Seq, result: SampleResult, prompt_logprobs: dict, plan_index: int,
-                 copy_ahead: bool = False):
+    def __init__(self, rows: Seq, result: Optional[SampleResult], prompt_logprobs: dict, plan_index: int,
+                 copy_ahead: bool = False, error: Optional[str] = None):
         self.rows = rows
         self.prompt_logprobs = prompt_logprobs
         self.plan_index = plan_index
+        self.error = error  # sampling failed: the rows end with it, in the order a delivery would come
         self._result = result
         self._copied: Optional[torch.cuda.Event] = None
-        if copy_ahead and result.tokens.device.type == "cuda":
+        if copy_ahead and result is not None and result.tokens.device.type == "cuda":
             with torch.inference_mode():
                 self._result = SampleResult(_pinned_copy(result.tokens), _pinned_copy(result.logprobs),
                                             _pinned_copy(result.top_ids), _pinned_copy(result.top_logprobs),
                                             result.wanted)
             self._copied = torch.cuda.Event()
             self._copied.record()
+
+    @classmethod
+    def failed(cls, rows: Seq, error: str, plan_index: int) -> "SampledStep":
+        return cls(rows, None, {}, plan_index, error=error)
 
     def read(self) -> tuple[list[int], Optional[list[Optional[TokenLogprob]]]]:
         """The tokens, and each row's TokenLogprob when any row asked; waits for them if needed."""
