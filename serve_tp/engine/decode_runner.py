@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from serve_tp.model.forward import GPT2Forward, KVCache
+from serve_tp.model.host_copy import upload
 
 logger = logging.getLogger(__name__)
 
@@ -135,26 +136,18 @@ class DecodeRunner:
     def run_sampled(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """`run` with the tokens already on the device (async scheduling).
 
-        Nothing here waits for the device: the positions go up from pinned memory without
-        blocking (a pageable copy would wait for the previous step to finish, and the host
-        would lose the step it is meant to gain), the tokens never leave it.
+        Nothing here waits for the device: the positions go up without blocking
+        (serve_tp/model/host_copy.py), the tokens never leave it.
         """
         n = tokens.shape[0]
         span = attention_span(max(positions) + 1, self.cache.max_len)
         if not self._graphs:
-            return self.forward.decode(self.cache, tokens, _upload(positions, tokens.device), span)
+            return self.forward.decode(self.cache, tokens, upload(positions, torch.long, tokens.device), span)
         batch = bucket_for(n, self.batches)
         padded = padded_inputs([0] * n, positions, batch, self.cache.max_len)[1]
         self._tokens[:n].copy_(tokens)
         self._tokens[n:batch].zero_()
-        self._positions[:batch].copy_(_upload(padded, self._positions.device))
+        self._positions[:batch].copy_(upload(padded, torch.long, self._positions.device))
         self._graphs[(batch, span)].replay()
         return self._outputs[(batch, span)][:n]
 
-
-def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host ints on `device` without waiting for the device (pinned, non-blocking on cuda)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.long, device=device)
-    host = torch.tensor(values, dtype=torch.long, pin_memory=True)
-    return host.to(device, non_blocking=True)  # torch keeps the pinned block until the copy is done
