@@ -194,8 +194,8 @@ class EngineLoop:
           tokens' values, so it is the same as in the synchronous order.
         No case falls back to a synchronous step. The host still waits on the device in
         a step that ends an echo prompt's prefill (prompt_logprobs are read as they are
-        scored) and where the sampler's host-side setup for a joining sequence copies to
-        the device; those steps lose their overlap, not their correctness.
+        scored): that step loses its overlap, not its correctness. (Host-to-device copies
+        go through pinned memory without blocking: serve_tp/model/host_copy.py.)
         """
         clock = time.perf_counter
         pending: Optional[SampledStep] = None
