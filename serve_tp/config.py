@@ -119,6 +119,15 @@ class ServeTPConfig(BaseModel):
         "for steadier TPOT under heavy prompt traffic, raise it for faster TTFT when prompts are rare."
     )
 
+    async_scheduling: bool = Field(
+        False, description="Rank 0 plans and launches step n+1 before it reads step n's sampled "
+        "tokens back (vLLM's async scheduling): the decoding rows take their tokens from a device "
+        "buffer that rank 0 broadcasts to the other ranks, and the host's work (waiting for the "
+        "tokens, finish checks, delivery, the next plan) overlaps the device's step. Same outputs "
+        "as off; a finished or cancelled row computes one extra token that is dropped, and "
+        "leaves a step later. Off until it is measured on the GPU (scripts/gpu_session.sh)."
+    )
+
     stream_batching_interval_ms: float = Field(
         0, ge=0, le=1000, description="Under load, each sequence hands its stream at most one chunk "
         "per this many ms, carrying every token decoded meanwhile (Ray Serve LLM's "

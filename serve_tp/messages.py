@@ -30,6 +30,7 @@ class RankSettings:
     sampler_graphs: bool = True  # rank 0's sampling chain as CUDA graphs (cuda only)
     batch_wait_timeout_s: float = 0.002
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per engine step (chunked prefill)
+    async_scheduling: bool = False  # rank 0 launches step n+1 before reading step n's tokens (loop.py)
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20

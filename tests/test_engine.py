@@ -30,8 +30,11 @@ class Collector:
     def __init__(self):
         self.tokens, self.finish, self.done = [], None, threading.Event()
         self.first = threading.Event()
+        self.late = 0  # outputs after the finishing one
 
     def __call__(self, out):
+        if self.finish is not None:
+            self.late += 1
         self.tokens += out.token_ids
         if out.token_ids:
             self.first.set()
@@ -40,14 +43,15 @@ class Collector:
             self.done.set()
 
 
-def start_engine(model_dir, eos_token_id, max_prefill_tokens=2048):
+def start_engine(model_dir, eos_token_id, max_prefill_tokens=2048, async_scheduling=False):
     model = reference.hf_model(model_dir, "float32", "sdpa")
     batch = SequenceBatch(GPT2Forward(shard_gpt2(model)), slots=4, max_len=model.config.n_positions)
     sampler = Sampler(4, model.config.vocab_size, torch.device("cpu"), eos_token_id=eos_token_id,
                       max_logprobs=5, context_length=model.config.n_positions)
     loop = EngineLoop(batch, lambda plan: plan, 0,
                       eos_token_id=eos_token_id, max_context=model.config.n_positions,
-                      max_batch_size=4, batch_wait_s=0, max_prefill_tokens=max_prefill_tokens, sampler=sampler)
+                      max_batch_size=4, batch_wait_s=0, max_prefill_tokens=max_prefill_tokens, sampler=sampler,
+                      async_scheduling=async_scheduling)
     loop.start()
     return loop
 
@@ -91,8 +95,18 @@ def test_more_sequences_than_the_batch_wait_their_turn(engine, model_and_tokeniz
         assert sink.tokens == expected[: 5 + i]
 
 
-def test_cancel_frees_the_slot_and_others_are_unaffected(engine, model_and_tokenizer):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_cancel_frees_the_slot_and_others_are_unaffected(model_and_tokenizer, async_scheduling):
+    """Cancelled from another thread, at any point of a step (async scheduling too)."""
     model_dir, tokenizer = model_and_tokenizer
+    engine = start_engine(model_dir, tokenizer.eos_token_id, async_scheduling=async_scheduling)
+    try:
+        _cancel_frees_the_slot(engine, model_dir, tokenizer)
+    finally:
+        engine.stop()
+
+
+def _cancel_frees_the_slot(engine, model_dir, tokenizer):
     prompt = tokenizer.encode("Once upon a time")
     long_sink, other = Collector(), Collector()
     engine.submit(SequenceRequest("long", tuple(prompt), greedy(200)), long_sink)
@@ -100,10 +114,12 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(engine, model_and_token
     assert long_sink.first.wait(30)
     engine.cancel("long")
     assert long_sink.done.wait(30) and long_sink.finish == "cancelled"
+    assert long_sink.tokens == alone(model_dir, prompt, len(long_sink.tokens))
     assert other.done.wait(60) and other.tokens == alone(model_dir, prompt, 20)
     deadline = time.monotonic() + 5
-    while engine.load()["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while (engine.load()["running"] or engine.steps < engine.plans_sent) and time.monotonic() < deadline:
+        time.sleep(0.05)  # every slot freed, and the loop between steps: late outputs would be in
+    assert long_sink.late == other.late == 0  # nothing after "cancelled" or "length"
     assert engine.load() | {"steps": 0, "step_ms": None} == {"running": 0, "waiting": 0, "steps": 0, "step_ms": None}
 
 
@@ -181,9 +197,11 @@ def test_chunked_prefill_keeps_streams_decoding_and_exact(chunked_engine, model_
         assert sink.tokens == alone(model_dir, prompt, 10)
 
 
-def test_cancelling_a_prompt_part_way_through_prefill_frees_its_slot(model_and_tokenizer):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_cancelling_a_prompt_part_way_through_prefill_frees_its_slot(model_and_tokenizer, async_scheduling):
     model_dir, tokenizer = model_and_tokenizer
-    engine = start_engine(model_dir, tokenizer.eos_token_id, max_prefill_tokens=2)  # 125 steps of prompt
+    engine = start_engine(model_dir, tokenizer.eos_token_id, max_prefill_tokens=2,  # 125 steps of prompt
+                          async_scheduling=async_scheduling)
     try:
         short = tokenizer.encode("Once upon a time")
         doomed, behind, other = Collector(), Collector(), Collector()

@@ -4,7 +4,8 @@ Skipped without 2 GPUs (CI runs on CPU). On the device machine:
 
     SERVE_TP_GPU_MODEL=/tmp/gpt2-small-shape python -m pytest -m gpu tests/test_gpu.py -s
 
-Asserted: rank 0's sampler replaying its chain as CUDA graphs gives the eager sampler's
+Asserted: async scheduling hands out the synchronous loop's outputs over NCCL and graphs;
+rank 0's sampler replaying its chain as CUDA graphs gives the eager sampler's
 tokens and logprobs bit for bit (one GPU); in fp32, the TP engine's greedy tokens (our forward over the static KV cache,
 NCCL all-reduces) equal one unsharded process's (full forward passes, no cache), with
 decode steps replayed as CUDA graphs and launched eagerly alike; the real Serve app over
@@ -219,3 +220,29 @@ def test_sampler_graph_replays_equal_the_eager_sampler_bit_for_bit(dtype):
     assert graphs.refused == 0 and graphs.replays >= len(graphed) // 3
     # control: the record follows the seeds, so an equal record is not an empty check
     assert run_script(make(32, vocab, "cuda"), vocab=vocab, dtype=dtype, seed_offset=1, **script) != eager
+
+
+@two_gpus
+def test_async_scheduling_gives_the_synchronous_outputs_on_cuda(gpu_model):
+    """The CPU test's mixed workload (tests/test_async_scheduling.py) over NCCL with decode
+    and sampler graphs: rank 0 decodes from the device buffer, the follower from the NCCL
+    broadcast, the tokens come back through pinned copies; the outputs are the synchronous
+    loop's. (Async scheduling with the eager sampler is tested on CPU only.)"""
+    from tests import reference
+    from tests.test_async_scheduling import assert_same_outputs, mixed_jobs
+    from tests.tp_ranks import run_tp_engine
+
+    jobs, _ = mixed_jobs(gpu_model)
+    jobs = [job for job in jobs if job.seq_id != "eos"]  # the ranks' EOS is the model's own
+    settings = dict(device="cuda", dtype="float32", max_batch_size=4, max_prefill_tokens=7,
+                    sampler_graphs=True)
+    sync = run_tp_engine(gpu_model, 2, jobs, **settings)
+    ahead = run_tp_engine(gpu_model, 2, jobs, async_scheduling=True, **settings)
+    greedy = next(job for job in jobs if job.seq_id == "greedy")
+    control = reference.rounding_control(gpu_model, [greedy.prompt + tuple(sync[0][0]["greedy"].tokens)])
+    lead, follower = ahead[0][1], ahead[1][1]
+    print(f"\nasync scheduling (sampler graphs): {lead['overlapped_steps']} of "
+          f"{lead['sampled_steps']} steps read after the next launch; rounding control {control}")
+    assert_same_outputs(ahead[0][0], sync[0][0], 2 * control["fp32_vs_fp64"])
+    assert follower["shared"] == lead["shared"] > 0
+    assert lead["overlapped_steps"] == lead["sampled_steps"] > 0

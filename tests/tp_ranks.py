@@ -139,6 +139,45 @@ def _rank_main(rank, world_size, port, model_dir, script, results, device_type, 
         results.put((rank, None, None, traceback.format_exc()))
 
 
+def _engine_rank_main(rank, world_size, port, model_dir, jobs, results, extra):
+    """One rank of a served group without Ray: setup_rank + build_engine, as the rank actor
+    does; rank 0 drives `jobs` (tests/engine_workload.py), the others follow its plans."""
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        from serve_tp.engine.rank_setup import build_engine, setup_rank
+        from serve_tp.messages import RankSettings
+        from tests.engine_workload import drive
+
+        context = json.loads((Path(model_dir) / "config.json").read_text())["n_positions"]
+        settings = RankSettings(**{"model": model_dir, "served_model_name": "tp-test", "device": "cpu",
+                                   "dtype": "float32", "context_length": context, "collective_timeout_s": 120,
+                                   "batch_wait_timeout_s": 0, **extra})
+        setup = setup_rank(rank, world_size, "127.0.0.1", port, settings,
+                           cuda_index=rank if settings.device == "cuda" else 0)
+        engine = build_engine(setup, settings)
+        engine.start()
+        outcomes = None
+        if rank == 0:
+            outcomes = drive(engine, jobs)
+            engine.stop()
+        engine.join(timeout_s=120)
+        if engine.failure is not None:
+            raise engine.failure
+        counters = {"steps": engine.steps, "shared": engine.executor.shared, "plans_sent": engine.plans_sent,
+                    "sampled_steps": engine.sampled_steps, "overlapped_steps": engine.overlapped_steps}
+        results.put((rank, outcomes, {**setup.info(), **counters}, None))
+    except BaseException:
+        results.put((rank, None, None, traceback.format_exc()))
+
+
+def run_tp_engine(model_dir: str, world_size: int, jobs, **settings) -> dict[int, tuple[dict, dict]]:
+    """{rank: (rank 0's outcomes by seq_id or None, rank info and engine counters)} of `jobs`
+    served by `world_size` ranks; `settings`: RankSettings fields (max_batch_size is required;
+    device "cpu" and dtype "float32" unless given)."""
+    return _spawn_and_collect(_engine_rank_main, world_size, lambda results: (model_dir, jobs, results, settings))
+
+
 def run_tp_script(model_dir: str, world_size: int, script: Script, device: str = "cpu",
                   dtype: str = "float32", cuda_graphs: bool = True,
                   cpu_all_reduce: str = "auto", **settings) -> dict[int, tuple[dict, dict]]:
@@ -146,15 +185,18 @@ def run_tp_script(model_dir: str, world_size: int, script: Script, device: str =
 
     The ranks share this machine, so "auto" sums in shared memory where DeepSpeed can, as
     the app does. `settings`: more RankSettings fields (gpu_all_reduce=..., compile_decode=...)."""
+    return _spawn_and_collect(_rank_main, world_size, lambda results: (
+        model_dir, script, results, device, dtype, cuda_graphs, cpu_all_reduce, settings))
+
+
+def _spawn_and_collect(target, world_size: int, args_for) -> dict[int, tuple[dict, dict]]:
+    """Run target(rank, world_size, port, *args_for(results)) in one process per rank;
+    each puts (rank, result, info, error) on `results`. Any rank's failure is raised."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port("127.0.0.1")
-    procs = [
-        ctx.Process(target=_rank_main,
-                    args=(r, world_size, port, model_dir, script, results, device, dtype, cuda_graphs,
-                          cpu_all_reduce, settings))
-        for r in range(world_size)
-    ]
+    procs = [ctx.Process(target=target, args=(r, world_size, port, *args_for(results)))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     got = {}

@@ -7,6 +7,10 @@ can replay. Sequences whose prompts are still being prefilled, chunk by chunk, s
 the slots right after them (n..n+m-1, first come first): the first of them to finish
 becomes decoding row n without moving. Every rank applies the same plans to the same
 state, so all ranks agree on the row order.
+
+`sampled` holds, per decoding slot, the token rank 0 sampled for it last step, on the
+device: async scheduling decodes from it (rank 0 writes it, the others receive it by
+broadcast), so it moves with the slots like the cache does.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class SequenceBatch:
     def __init__(self, forward: GPT2Forward, slots: int, max_len: int, cuda_graphs: bool = True):
         with torch.inference_mode():
             self.cache = forward.new_cache(slots, max_len)
+            self.sampled = torch.zeros(slots, dtype=torch.long, device=forward.device)
         self.forward = forward
         self.runner = DecodeRunner(forward, self.cache, cuda_graphs)
         self.seq_ids: list[str] = []  # decoding rows, slots 0..n-1
@@ -91,6 +96,7 @@ class SequenceBatch:
         for source, target in moves:
             self.cache.move(source, target, self.lengths[source])
             self.lengths[target] = self.lengths[source]
+            self.sampled[target] = self.sampled[source]
         del self.lengths[len(self.seq_ids):]
         kept = [(j, sid) for j, sid in enumerate(self.pending) if sid not in leaving]
         for new_index, (old_index, _) in enumerate(kept):  # targets never pass a source not yet moved
@@ -110,6 +116,19 @@ class SequenceBatch:
         logits = self.runner.run(tokens, self.lengths)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
+
+    def decode_sampled(self, rows: int) -> torch.Tensor:
+        """Decode every row from `sampled`, the tokens sampled for it last step (async scheduling)."""
+        if rows != len(self.seq_ids):
+            raise ValueError(f"decode got {rows} sampled tokens for {len(self.seq_ids)} sequences")
+        logits = self.runner.run_sampled(self.sampled[:rows], self.lengths)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    @torch.inference_mode()
+    def keep_sampled(self, tokens: torch.Tensor) -> None:
+        """Rank 0: this step's sampled tokens [n], which the next step decodes from."""
+        self.sampled[: tokens.shape[0]].copy_(tokens)
 
     def admit(
         self, seq_ids: Sequence[str], prompts: Sequence[Sequence[int]], keep_prompt_logits: Collection[str] = (),

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from serve_tp.model.forward import GPT2Forward, KVCache
+from serve_tp.model.host_copy import upload
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +131,23 @@ class DecodeRunner:
         self._positions[:batch].copy_(host[1])
         self._graphs[(batch, span)].replay()
         return self._outputs[(batch, span)][:n]
+
+    @torch.inference_mode()
+    def run_sampled(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """`run` with the tokens already on the device (async scheduling).
+
+        Nothing here waits for the device: the positions go up without blocking
+        (serve_tp/model/host_copy.py), the tokens never leave it.
+        """
+        n = tokens.shape[0]
+        span = attention_span(max(positions) + 1, self.cache.max_len)
+        if not self._graphs:
+            return self.forward.decode(self.cache, tokens, upload(positions, torch.long, tokens.device), span)
+        batch = bucket_for(n, self.batches)
+        padded = padded_inputs([0] * n, positions, batch, self.cache.max_len)[1]
+        self._tokens[:n].copy_(tokens)
+        self._tokens[n:batch].zero_()
+        self._positions[:batch].copy_(upload(padded, torch.long, self._positions.device))
+        self._graphs[(batch, span)].replay()
+        return self._outputs[(batch, span)][:n]
+

@@ -88,6 +88,13 @@ class TPComm:
         else:
             self._ds_comm.all_reduce(tensor)
 
+    def broadcast_sampled(self, tokens: torch.Tensor) -> None:
+        """Rank 0's sampled tokens to every rank, in place, on the forward's group (NCCL on
+        cuda: queued in stream order, the host does not wait; gloo on cpu). Async scheduling
+        sends them so, not in the plan: rank 0 plans a step before it reads them."""
+        if self.world_size > 1:
+            torch.distributed.broadcast(tokens, src=0)
+
     def broadcast_plan(self, plan):
         """Rank 0 sends `plan`; the others receive it. Pickled, through the shared-memory
         ring when the group has one, else over the CPU group."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,17 +27,32 @@ class StepLogits:
 
 
 class Executor:
-    """Applies plans to a `SequenceBatch`; holds no scheduling state of its own."""
+    """Applies plans to a `SequenceBatch`; holds no scheduling state of its own.
 
-    def __init__(self, batch: SequenceBatch, keep_prompt_logits: bool):
+    `share_sampled` (more than one rank) broadcasts a tensor from rank 0 to the others on
+    the forward's process group (NCCL on cuda: in stream order, without the host waiting).
+    A plan that decodes from the device calls it first, before its evictions move rows, so
+    every rank holds rank 0's last sampled tokens in the same slots, then moves them alike.
+    """
+
+    def __init__(self, batch: SequenceBatch, keep_prompt_logits: bool,
+                 share_sampled: Optional[Callable[[torch.Tensor], None]] = None):
         self.batch = batch
         self.keep_prompt_logits = keep_prompt_logits  # rank 0 only: the others never sample
+        self.share_sampled = share_sampled
+        self.shared = 0  # sampled-token broadcasts this rank took part in
 
     def run(self, plan: StepPlan) -> StepLogits:
+        if plan.decode_from_device and self.share_sampled is not None:
+            with torch.inference_mode():
+                self.share_sampled(self.batch.sampled)
+            self.shared += 1
         moves = self.batch.evict(plan.evict) if plan.evict else []
         parts, prompt_logits = [], {}
         if plan.decode_tokens:
             parts.append(self.batch.decode(plan.decode_tokens))
+        elif plan.decode_from_device:
+            parts.append(self.batch.decode_sampled(plan.decode_from_device))
         if plan.prefill:
             wanted = {c.seq_id for c in plan.prefill if c.prompt_logits} if self.keep_prompt_logits else set()
             last, prompt_logits = self.batch.prefill(plan.prefill, wanted)

@@ -6,6 +6,11 @@ interleave between requests. The plan carries token ids, not logits: only rank 0
 samples, so every rank feeds the same tokens whatever its floating-point noise.
 Long prompts arrive in chunks over several steps (chunked prefill), so a step's cost stays
 bounded by its prefill token budget and running streams keep their pace.
+
+With async scheduling (loop.py) rank 0 plans a step before it has read the previous step's
+tokens: the plan then says only how many rows decode (`decode_from_device`), and every rank
+feeds them the tokens rank 0 sampled last step, which it broadcasts on the device before the
+step (batch.sampled). Every rank still feeds the same tokens, by construction.
 """
 
 from __future__ import annotations
@@ -32,21 +37,35 @@ class PrefillChunk:
 
 @dataclass
 class StepPlan:
-    """Evictions first, then one decode token per decoding row (in row order), then prefill chunks."""
+    """Evictions first, then one decode token per decoding row (in row order), then prefill chunks.
+
+    A decoding row's token comes either from `decode_tokens` (host ints, synchronous
+    scheduling) or, for the first `decode_from_device` rows, from the device buffer of the
+    previous step's sampled tokens (async scheduling); a plan uses one or the other.
+    """
 
     evict: list[str] = field(default_factory=list)
     decode_tokens: list[int] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     shutdown: bool = False
+    decode_from_device: int = 0
+
+    def __post_init__(self):
+        if self.decode_tokens and self.decode_from_device:
+            raise ValueError("a plan's decode tokens come from the host or from the device, not both")
+
+    @property
+    def decode_rows(self) -> int:
+        return len(self.decode_tokens) + self.decode_from_device
 
     @property
     def has_work(self) -> bool:
-        return bool(self.decode_tokens or self.prefill)
+        return bool(self.decode_rows or self.prefill)
 
     @property
     def rows(self) -> int:
         """Sequences that get a token in this step."""
-        return len(self.decode_tokens) + sum(chunk.final for chunk in self.prefill)
+        return self.decode_rows + sum(chunk.final for chunk in self.prefill)
 
     @property
     def prefill_tokens(self) -> int:

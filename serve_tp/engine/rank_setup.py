@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from serve_tp.engine.batch import SequenceBatch
 from serve_tp.engine.distributed import TPComm, init_tp_comm
 from serve_tp.engine.fast_all_reduce import setup_decode_all_reduce
+from serve_tp.engine.loop import EngineLoop
+from serve_tp.engine.sampling import Sampler
 from serve_tp.messages import RankSettings
 from serve_tp.model.forward import GPT2Forward
 from serve_tp.model.loader import load_shard
@@ -61,6 +64,35 @@ class RankSetup:
             "compiled_decode": self.forward.compiled is not None,
             "load_s": round(self.load_s, 2),
         }
+
+
+def build_engine(ready: RankSetup, settings: RankSettings,
+                 on_step: Optional[Callable[[int, int, int], None]] = None) -> EngineLoop:
+    """The rank's engine loop (not started): rank 0 gets the sampler and leads, the others follow.
+
+    The rank actor and the test ranks build it here, so tests drive the wiring that serves.
+    """
+    config = ready.shard.config
+    sampler = None
+    if ready.rank == 0:  # rank 0 alone samples, and sends the tokens to the others
+        sampler = Sampler(settings.max_batch_size, config.vocab_size, ready.device,
+                          eos_token_id=config.eos_token_id, max_logprobs=settings.max_logprobs,
+                          context_length=settings.context_length, sampleable_vocab=settings.sampleable_vocab,
+                          graphs=settings.sampler_graphs)
+    return EngineLoop(
+        ready.batch,
+        ready.comm.broadcast_plan,
+        ready.rank,
+        eos_token_id=config.eos_token_id,
+        max_context=settings.context_length,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_s=settings.batch_wait_timeout_s,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        sampler=sampler,
+        on_step=on_step,
+        async_scheduling=settings.async_scheduling,
+        share_sampled=ready.comm.broadcast_sampled if ready.world_size > 1 else None,
+    )
 
 
 def rank_device(settings: RankSettings, cuda_index: int = 0) -> torch.device:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from serve_tp.messages import SamplingParams
+from serve_tp.model.host_copy import upload
 
 FLOAT_COLUMNS = ("temperature", "top_p", "log_min_p", "presence", "frequency", "repetition")
 INT_COLUMNS = ("top_k", "seed", "generated", "min_tokens", "prompt_len", "greedy")
@@ -86,9 +87,9 @@ class SlotState:
         if p.penalised and not 0 < len(prompt_ids) <= self.context_length:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit a history of {self.context_length}")
         log_min_p = math.log(p.min_p) if p.min_p > 0 else float("-inf")
-        self.floats[slot] = torch.tensor([1.0 if greedy else p.temperature, p.top_p, log_min_p, p.presence_penalty,
-                                          p.frequency_penalty, p.repetition_penalty], dtype=torch.float32)
-        self.ints[slot] = torch.tensor([top_k, seed, 0, min_tokens, len(prompt_ids), int(greedy)], dtype=torch.int64)
+        self.floats[slot] = upload([1.0 if greedy else p.temperature, p.top_p, log_min_p, p.presence_penalty,
+                                    p.frequency_penalty, p.repetition_penalty], torch.float32, self.device)
+        self.ints[slot] = upload([top_k, seed, 0, min_tokens, len(prompt_ids), int(greedy)], torch.int64, self.device)
         self.host[slot] = (greedy, 1.0 if greedy else p.temperature, top_k, p.top_p, p.min_p, p.penalised,
                            bool(p.logit_bias), min_tokens, 0, len(prompt_ids),
                            -1 if p.logprobs is None else p.logprobs)
@@ -97,12 +98,12 @@ class SlotState:
             self.ban_ids = _widen(self.ban_ids, len(bans), slots=self.slots, dtype=torch.int64,
                                   device=self.device, pad_with_first=True)
             row = list(bans) + [bans[0]] * (self.ban_ids.shape[1] - len(bans))
-            self.ban_ids[slot] = torch.tensor(row, dtype=torch.int64)
+            self.ban_ids[slot] = upload(row, torch.int64, self.device)
         if p.penalised:
             if self.history is None:
                 self.history = torch.zeros(self.slots, self.context_length, dtype=torch.int64, device=self.device)
                 self.counts = torch.zeros(self.slots, self.vocab_size, dtype=torch.float32, device=self.device)
-            self.history[slot, :len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.int64)
+            self.history[slot, :len(prompt_ids)] = upload(list(prompt_ids), torch.int64, self.device)
             self.counts[slot] = 0
 
     def _admit_bias(self, slot: int, bias: dict[int, float]) -> None:
@@ -114,8 +115,8 @@ class SlotState:
         self.bias_ids = _widen(self.bias_ids, len(bias), dtype=torch.int64, **kwargs)
         self.bias_values = _widen(self.bias_values, len(bias), dtype=torch.float32, **kwargs)
         pad = self.bias_ids.shape[1] - len(bias)
-        self.bias_ids[slot] = torch.tensor(list(bias) + [0] * pad, dtype=torch.int64)
-        self.bias_values[slot] = torch.tensor(list(bias.values()) + [0.0] * pad, dtype=torch.float32)
+        self.bias_ids[slot] = upload(list(bias) + [0] * pad, torch.int64, self.device)
+        self.bias_values[slot] = upload(list(bias.values()) + [0.0] * pad, torch.float32, self.device)
 
     def move(self, source: int, target: int) -> None:
         self.version += 1

@@ -10,6 +10,13 @@ out first come, first served: first to the prompts already part-way through, the
 newly admitted ones. A long prompt thus spreads over several steps while the running
 streams decode in every one of them, and a step's cost stays bounded however long the
 prompts that arrive. (vLLM's chunked prefill, with its max_num_batched_tokens.)
+
+Async scheduling (`async_scheduling`): the loop plans step n+1 before it has read step
+n's tokens, so a plan names how many rows decode, not their tokens (they stay on the
+device), and a finish seen in step n's tokens is evicted by plan n+2: evictions lag a
+step, and a finished row computes one extra token that nobody sees. Cancelled sequences
+are marked ended when they are evicted, so no token computed before reaches them after
+their "cancelled".
 """
 
 from __future__ import annotations
@@ -51,10 +58,11 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, rows_after_evict: Callable[[Seq[str]], list[str]], max_batch_size: int,
-                 batch_wait_s: float, max_prefill_tokens: int = 2048):
+                 batch_wait_s: float, max_prefill_tokens: int = 2048, async_scheduling: bool = False):
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, not {max_prefill_tokens}")
         self._rows_after_evict = rows_after_evict
+        self.async_scheduling = async_scheduling
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.max_prefill_tokens = max_prefill_tokens
@@ -134,6 +142,8 @@ class Scheduler:
         joining = self._prefilling[: sum(c.final for c in chunks)]
         del self._prefilling[: len(joining)]
         rows = self._rows_after_evict(evict)
+        if self.async_scheduling:
+            return StepPlan(evict=evict, prefill=chunks, decode_from_device=len(rows)), joining
         plan = StepPlan(
             evict=evict,
             decode_tokens=[self._running[sid].generated[-1] for sid in rows],
@@ -176,6 +186,7 @@ class Scheduler:
                 if sid not in evict:
                     evict.append(sid)
                     told.append(self._running[sid])
+                    self._running[sid].ended = True  # async: its last step's token is still to come
             self._cancelled.clear()
         return evict, told
 

@@ -45,32 +45,13 @@ class InferenceWorker:
         """Join the process group, load and shard the model, start the engine loop."""
         import ray
 
-        from serve_tp.engine.loop import EngineLoop
-        from serve_tp.engine.rank_setup import setup_rank
-        from serve_tp.engine.sampling import Sampler
+        from serve_tp.engine.rank_setup import build_engine, setup_rank
         from serve_tp.metrics import EngineMetrics
 
         s = self.settings
         ready = setup_rank(self.rank, self.world_size, address, port, s)
-        config = ready.shard.config
-        sampler = None
-        if self.rank == 0:  # rank 0 alone samples, and sends the tokens with the next plan
-            sampler = Sampler(s.max_batch_size, config.vocab_size, ready.device,
-                              eos_token_id=config.eos_token_id, max_logprobs=s.max_logprobs,
-                              context_length=s.context_length, sampleable_vocab=s.sampleable_vocab,
-                              graphs=s.sampler_graphs)
-        self.engine = EngineLoop(
-            ready.batch,
-            ready.comm.broadcast_plan,
-            self.rank,
-            eos_token_id=config.eos_token_id,
-            max_context=s.context_length,
-            max_batch_size=s.max_batch_size,
-            batch_wait_s=s.batch_wait_timeout_s,
-            max_prefill_tokens=s.max_prefill_tokens,
-            sampler=sampler,
-            on_step=EngineMetrics(s.served_model_name).step if self.rank == 0 else None,
-        )
+        on_step = EngineMetrics(s.served_model_name).step if self.rank == 0 else None
+        self.engine = build_engine(ready, s, on_step)
         self.engine.start()
         self.info = {
             **ready.info(),
@@ -78,6 +59,7 @@ class InferenceWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "async_scheduling": s.async_scheduling,
         }
         return self.info
 
@@ -145,7 +127,9 @@ class InferenceWorker:
             reason = f"no step for {age:.0f}s with work queued"
         elif self.rank != 0 and age > stall:
             reason = f"no plan from rank 0 for {age:.0f}s"
-        return {**self.info, "healthy": reason is None, "reason": reason, **engine.load()}
+        # overlapped_steps: steps whose tokens rank 0 read after sending the next plan (async scheduling)
+        return {**self.info, "healthy": reason is None, "reason": reason, **engine.load(),
+                "overlapped_steps": engine.overlapped_steps}
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from serve_tp.model.host_copy import upload, upload_tensor
 from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class GPT2Forward:
         ids = torch.zeros((n, length), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        ids = ids.to(self.device)
+        ids = upload_tensor(ids, self.device)
         positions = torch.arange(length, device=self.device)
         h = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(n * length, -1)
         slots = slice(first_slot, first_slot + n)
@@ -158,7 +159,7 @@ class GPT2Forward:
             h = h + self._row_parallel(attn, block.attn_proj)
             h = self._mlp(block, h)
         h = h.view(n, length, -1)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        last = upload([len(p) - 1 for p in prompts], torch.long, self.device)
         every = {row: self._logits(h[row, : len(prompts[row])]) for row in keep_all}
         return self._logits(h[torch.arange(n, device=self.device), last]), every
 
@@ -176,7 +177,7 @@ class GPT2Forward:
         is offset by `start`).
         """
         n, end = len(tokens), start + len(tokens)
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        ids = upload(list(tokens), torch.long, self.device)
         positions = torch.arange(start, end, device=self.device)
         h = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         visible = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [n, end]
