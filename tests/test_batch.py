@@ -98,8 +98,8 @@ def test_logits_after_slot_moves_match_hf_over_long_contexts(tiny_model_dir, for
     batch = SequenceBatch(forward, slots=4, max_len=context)
     moved, move = [], batch.cache.move
     batch.cache.move = lambda source, target, length: (moved.append(length), move(source, target, length))
-    results, spans = play(batch, script, keep_logits=True)
-    assert max(moved) > 128 and max(spans) == context  # a long cache moved; the whole context used
+    results, log = play(batch, script, keep_logits=True)
+    assert max(moved) > 128 and max(log.spans) == context  # a long cache moved; the whole context used
     for arrival in script.arrivals:
         seq = results[arrival.seq_id]
         reference.check_greedy_run(tiny_model_dir, arrival.prompt, seq.tokens, torch.tensor(seq.logits), bound)
@@ -171,3 +171,68 @@ def test_a_chunk_must_continue_its_prompt_and_finish_in_turn(forward):
     assert batch.pending == ["a"] and batch.pending_lengths == [3]  # refused steps changed nothing
     last, _ = batch.prefill([PrefillChunk("a", (4,), 3, True), PrefillChunk("b", (1,), 0, True)])
     assert last.shape[0] == 2 and batch.seq_ids == ["a", "b"] and batch.lengths == [4, 1]
+
+
+def test_padding_rows_leave_a_part_prefilled_slot_intact(tiny_model_dir, forward, bound):
+    """A replayed graph of bucket 4 decodes 1 real row and 3 padding rows, into slots 1..3,
+    while slot 1 holds half a prompt: its prefill goes on to the exact logits. (Padding at
+    position 0, as before chunked prefill, overwrote the prompt's first K/V there.)"""
+    from serve_tp.engine.decode_runner import padded_inputs
+    from serve_tp.engine.plan import PrefillChunk
+
+    batch = SequenceBatch(forward, slots=4, max_len=forward.wpe.shape[0])
+    batch.admit(["a"], [[1, 2, 3]])
+    prompt = (11, 12, 13, 14, 15, 16, 17)
+    batch.prefill([PrefillChunk("p", prompt[:4], 0, False)])
+    assert (batch.seq_ids, batch.pending, batch.pending_lengths) == (["a"], ["p"], [4])
+    tokens, positions = padded_inputs([9], batch.lengths, 4, batch.cache.max_len)
+    with torch.inference_mode():  # what DecodeRunner.run replays on GPU for one row
+        forward.decode(batch.cache, torch.tensor(tokens), torch.tensor(positions), 64)
+    batch.lengths = [n + 1 for n in batch.lengths]
+    last, _ = batch.prefill([PrefillChunk("p", prompt[4:], 4, True)])
+    assert batch.seq_ids == ["a", "p"] and not batch.pending
+    assert_close_to_exact(tiny_model_dir, list(prompt), last[0], bound)
+
+
+@pytest.mark.parametrize("budget", [1, 16])
+def test_mixed_chunks_through_the_executor_give_exact_logits_and_echo_scores(tiny_model_dir, forward, bound,
+                                                                             budget):
+    """Several prompts through a small per-step budget, first come first served (so whole
+    prompts and continued chunks share a pass, beside decode rows), one eviction moving a
+    part-filled slot: each last position's logits and every echo score (gathered over the
+    chunks by the executor's batch) within the rounding bound of float64's."""
+    from serve_tp.engine.executor import Executor
+    from serve_tp.engine.plan import PrefillChunk, StepPlan
+
+    held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
+    prompts = {"x": held[1], "y": held[3][:40], "z": held[2][:17], "w": held[4]}
+    batch = SequenceBatch(forward, slots=5, max_len=forward.wpe.shape[0])
+    executor = Executor(batch, keep_prompt_logits=True)
+    executor.run(StepPlan(prefill=[PrefillChunk("first", (5, 6, 7), 0, True)]))
+    done, echo, order, evict = {}, {}, list(prompts), []
+    while order:
+        chunks, left = [], budget
+        for seq_id in order:
+            if left == 0:
+                break
+            start = done.get(seq_id, 0)
+            end = min(len(prompts[seq_id]), start + left)
+            chunks.append(PrefillChunk(seq_id, tuple(prompts[seq_id][start:end]), start,
+                                       end == len(prompts[seq_id]), prompt_logits=True))
+            done[seq_id], left = end, left - (end - start)
+        decode = [1] * (len(batch) - len(evict))
+        step = executor.run(StepPlan(evict=evict, decode_tokens=decode, prefill=chunks))
+        evict = ["first"] if "first" in batch.seq_ids and batch.pending else []  # moves the pending slot
+        finals = [c.seq_id for c in chunks if c.final]
+        logits = step.logits if step.logits is not None else torch.empty(0)
+        assert logits.shape[0] == len(decode) + len(finals)
+        for seq_id, row in zip(finals, logits[len(decode):]):
+            assert_close_to_exact(tiny_model_dir, list(prompts[seq_id]), row, bound)
+        echo.update(step.prompt_logits)
+        order = order[len(finals):]
+    assert set(echo) == set(prompts) and "first" not in batch.seq_ids
+    for seq_id, prompt in prompts.items():
+        exact = reference.logits_along(tiny_model_dir, prompt)
+        assert echo[seq_id].shape[0] == len(prompt)
+        error = float((echo[seq_id].double() - exact).abs().max())
+        assert error <= bound, f"{seq_id}: echo logits off by {error:.3g} > {bound:.3g}"
