@@ -56,7 +56,7 @@ def padded_inputs(tokens: Sequence[int], positions: Sequence[int], batch: int, m
     cache's last position, which no prompt reaches (prompts end before it) and which a real
     decode there writes itself before reading, so no sequence ever reads a dummy."""
     pad = batch - len(tokens)
-    return [list(tokens) + [0] * pad, list(positions) + [0] * pad]
+    return [list(tokens) + [0] * pad, list(positions) + [max_len - 1] * pad]
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
