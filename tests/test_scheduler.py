@@ -53,3 +53,40 @@ def test_no_slot_no_admission_and_a_cancelled_prompt_leaves_its_turn():
     submit(sched, "d", 5)
     plan, joining = sched.next_plan()  # both slots decode: d waits
     assert plan.decode_tokens == [7, 7] and plan.prefill == [] and sched.load()["waiting"] == 1
+
+
+def test_a_prefilling_sequence_holds_its_slot():
+    """Two slots: one decoding, one part-way through its prompt; the budget left over
+    after the prompt's last chunk admits no third sequence until a slot frees."""
+    sched, decoding = scheduler(budget=10, slots=2)
+    submit(sched, "a", 2)
+    plan, joining = sched.next_plan()
+    decoding.append("a")
+    joining[0].generated.append(7)
+    submit(sched, "b", 13)
+    submit(sched, "c", 2)
+    plan, joining = sched.next_plan()
+    assert chunks(plan) == [("b", 0, 10, False)] and plan.decode_tokens == [7] and joining == []
+    plan, joining = sched.next_plan()
+    assert chunks(plan) == [("b", 10, 3, True)]  # 7 tokens of budget left, no slot for c
+    assert sched.load() == {"running": 2, "waiting": 1}
+    decoding.append("b")
+    joining[0].generated.append(8)
+    sched.finish("a")
+    plan, joining = sched.next_plan()
+    assert plan.evict == ["a"] and chunks(plan) == [("c", 0, 2, True)] and plan.decode_tokens == [8]
+
+
+def test_a_prefilling_sequence_cancelled_is_evicted_and_told_and_echo_travels_in_its_chunks():
+    sched, _ = scheduler(budget=4, slots=2)
+    told = []
+    sched.submit(SequenceRequest("a", tuple(range(10)), SamplingParams(max_tokens=5, prompt_logprobs=1)),
+                 told.append)
+    plan, _ = sched.next_plan()
+    assert chunks(plan) == [("a", 0, 4, False)] and plan.prefill[0].prompt_logits
+    assert plan.prefill[0].tokens == (0, 1, 2, 3)
+    sched.cancel("a")
+    plan, joining = sched.next_plan()
+    assert (plan.evict, plan.prefill, joining) == (["a"], [], [])
+    assert [out.finish_reason for out in told] == ["cancelled"]
+    assert sched.load() == {"running": 0, "waiting": 0} and not sched.has_work()
