@@ -29,6 +29,7 @@ class RankSettings:
     sampler_graphs: bool = True  # rank 0's sampling chain as CUDA graphs (cuda only)
     batch_wait_timeout_s: float = 0.002
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per engine step (chunked prefill)
+    prefill_share_tokens: Optional[int] = None  # each prompt's first claim on that budget; None: a quarter
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20

@@ -159,18 +159,50 @@ def test_prompt_chunks_give_the_whole_prompts_logits(forward, tiny_model_dir, bo
     assert_close_to_exact(tiny_model_dir, prompt + [7], step[1], bound)
 
 
-def test_a_chunk_must_continue_its_prompt_and_finish_in_turn(forward):
+def test_a_chunk_must_continue_its_prompt(forward):
     from serve_tp.engine.plan import PrefillChunk
 
     batch = SequenceBatch(forward, slots=3, max_len=64)
     batch.prefill([PrefillChunk("a", (1, 2, 3), 0, False)])
     with pytest.raises(ValueError, match="does not continue"):
         batch.prefill([PrefillChunk("a", (4,), 5, True)])
-    with pytest.raises(ValueError, match="out of turn"):
-        batch.prefill([PrefillChunk("a", (4,), 3, False), PrefillChunk("b", (1,), 0, True)])
+    with pytest.raises(ValueError, match="do not fit"):
+        batch.prefill([PrefillChunk(s, (1,), 0, True) for s in "bcd"])
     assert batch.pending == ["a"] and batch.pending_lengths == [3]  # refused steps changed nothing
-    last, _ = batch.prefill([PrefillChunk("a", (4,), 3, True), PrefillChunk("b", (1,), 0, True)])
-    assert last.shape[0] == 2 and batch.seq_ids == ["a", "b"] and batch.lengths == [4, 1]
+    last, _ = batch.prefill([PrefillChunk("b", (1,), 0, True), PrefillChunk("a", (4,), 3, True)])
+    assert last.shape[0] == 2 and batch.seq_ids == ["b", "a"] and batch.lengths == [1, 4]  # the plan's order
+
+
+def test_prompts_finishing_ahead_of_part_filled_ones_take_their_slots_and_all_stay_exact(tiny_model_dir, forward,
+                                                                                          bound):
+    """Beside a decoding row, two prompts part-way through (slots 1, 2); then one of them
+    and a new whole prompt finish while the other goes on: the finishers take slots 1 and
+    2 (the part-filled prefix of the one going on moves to slot 3, the finishing one's from
+    2 to 1, in one permutation), and every prompt's logits, and the decode after, stay
+    within the bound of float64's."""
+    from serve_tp.engine.plan import PrefillChunk
+
+    held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
+    long, mid, short, row = list(held[3]), list(held[2]), list(held[4]), [5, 6, 7]
+    batch = SequenceBatch(forward, slots=4, max_len=forward.wpe.shape[0])
+    batch.admit(["row"], [row])
+    batch.prefill([PrefillChunk("long", tuple(long[:30]), 0, False), PrefillChunk("mid", tuple(mid[:10]), 0, False)])
+    moved, move_many = [], batch.cache.move_many
+    batch.cache.move_many = lambda s, t, n: (moved.append((s, t, n)), move_many(s, t, n))
+    last, _ = batch.prefill([PrefillChunk("long", tuple(long[30:40]), 30, False),
+                             PrefillChunk("mid", tuple(mid[10:]), 10, True),
+                             PrefillChunk("short", tuple(short), 0, True)])
+    assert moved == [([2, 1], [1, 3], 30)]  # only cached prefixes move: mid's 10 and long's 30, at once
+    assert (batch.seq_ids, batch.lengths) == (["row", "mid", "short"], [3, len(mid), len(short)])
+    assert (batch.pending, batch.pending_lengths) == (["long"], [40])
+    assert_close_to_exact(tiny_model_dir, mid, last[0], bound)
+    assert_close_to_exact(tiny_model_dir, short, last[1], bound)
+    last, _ = batch.prefill([PrefillChunk("long", tuple(long[40:]), 40, True)])
+    assert batch.seq_ids == ["row", "mid", "short", "long"] and not batch.pending
+    assert_close_to_exact(tiny_model_dir, long, last[0], bound)
+    step = batch.decode([1, 2, 3, 4])
+    for i, prompt in enumerate([row, mid, short, long]):
+        assert_close_to_exact(tiny_model_dir, prompt + [i + 1], step[i], bound)
 
 
 def test_padding_rows_leave_a_part_prefilled_slot_intact(tiny_model_dir, forward, bound):
@@ -197,29 +229,30 @@ def test_padding_rows_leave_a_part_prefilled_slot_intact(tiny_model_dir, forward
 @pytest.mark.parametrize("budget", [1, 16])
 def test_mixed_chunks_through_the_executor_give_exact_logits_and_echo_scores(tiny_model_dir, forward, bound,
                                                                              budget):
-    """Several prompts through a small per-step budget, first come first served (so whole
-    prompts and continued chunks share a pass, beside decode rows), one eviction moving a
-    part-filled slot: each last position's logits and every echo score (gathered over the
-    chunks by the executor's batch) within the rounding bound of float64's."""
+    """Several prompts through a small per-step budget shared as the scheduler shares it
+    (so whole prompts and continued chunks share a pass, beside decode rows, and short
+    prompts finish ahead of part-filled long ones), one eviction moving a part-filled
+    slot: each last position's logits and every echo score (gathered over the chunks by
+    the executor's batch) within the rounding bound of float64's."""
     from serve_tp.engine.executor import Executor
     from serve_tp.engine.plan import PrefillChunk, StepPlan
+    from serve_tp.engine.scheduler import allot, default_prefill_share
 
     held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
     prompts = {"x": held[1], "y": held[3][:40], "z": held[2][:17], "w": held[4]}
     batch = SequenceBatch(forward, slots=5, max_len=forward.wpe.shape[0])
     executor = Executor(batch, keep_prompt_logits=True)
     executor.run(StepPlan(prefill=[PrefillChunk("first", (5, 6, 7), 0, True)]))
-    done, echo, order, evict = {}, {}, list(prompts), []
+    done, echo, order, evict, overtaken = {}, {}, list(prompts), [], 0
     while order:
-        chunks, left = [], budget
-        for seq_id in order:
-            if left == 0:
-                break
+        remaining = [len(prompts[s]) - done.get(s, 0) for s in order]
+        chunks = []
+        for seq_id, n in zip(order, allot(remaining, budget, default_prefill_share(budget))):
             start = done.get(seq_id, 0)
-            end = min(len(prompts[seq_id]), start + left)
-            chunks.append(PrefillChunk(seq_id, tuple(prompts[seq_id][start:end]), start,
-                                       end == len(prompts[seq_id]), prompt_logits=True))
-            done[seq_id], left = end, left - (end - start)
+            if n:
+                chunks.append(PrefillChunk(seq_id, tuple(prompts[seq_id][start:start + n]), start,
+                                           start + n == len(prompts[seq_id]), prompt_logits=True))
+            done[seq_id] = start + n
         decode = [1] * (len(batch) - len(evict))
         step = executor.run(StepPlan(evict=evict, decode_tokens=decode, prefill=chunks))
         evict = ["first"] if "first" in batch.seq_ids and batch.pending else []  # moves the pending slot
@@ -229,8 +262,10 @@ def test_mixed_chunks_through_the_executor_give_exact_logits_and_echo_scores(tin
         for seq_id, row in zip(finals, logits[len(decode):]):
             assert_close_to_exact(tiny_model_dir, list(prompts[seq_id]), row, bound)
         echo.update(step.prompt_logits)
-        order = order[len(finals):]
+        overtaken += finals != order[: len(finals)]
+        order = [s for s in order if s not in finals]
     assert set(echo) == set(prompts) and "first" not in batch.seq_ids
+    assert overtaken >= (budget > 1)  # with a share of 4, a short prompt finished ahead of a longer one
     for seq_id, prompt in prompts.items():
         exact = reference.logits_along(tiny_model_dir, prompt)
         assert echo[seq_id].shape[0] == len(prompt)

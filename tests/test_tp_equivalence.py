@@ -49,14 +49,16 @@ def whole_context_script(model_dir: str) -> Script:
 
 
 def chunked_script(model_dir: str, budget: int = 16) -> Script:
-    """Prompts of up to 200 tokens through a 16-token prefill budget, in arrival order:
-    "early" decodes while "doomed" and then "long" are prefilled chunk by chunk; "doomed" is
-    cancelled part-way; "early" leaves while "long" is part-way, so its slot moves down;
-    "late" arrives mid-flight and its 125 tokens join over 8 steps beside two decoding rows."""
+    """Prompts of up to 190 tokens through a 16-token prefill budget shared in 4-token
+    shares (the default quarter): "early" decodes while "doomed" and "long" are prefilled
+    chunk by chunk; "short" finishes ahead of both (the slots of their part-filled prompts
+    permuted); "doomed" is cancelled part-way; "early" leaves while "long" is part-way, so
+    its slot moves down; "late" arrives mid-flight and its 125 tokens join over several
+    steps beside decoding rows."""
     held = [a.prompt for a in whole_context_script(model_dir).arrivals]
     return Script([
         Arrival("early", held[4][:5], 4),
-        Arrival("doomed", held[2], 30, cancel_step=2),  # 60 tokens: 27 in its slot at step 2
+        Arrival("doomed", held[2], 30, cancel_step=2),  # 60 tokens: part-way at step 2
         Arrival("long", held[5], 30),
         Arrival("short", held[1], 40),
         Arrival("late", held[3], 10, step=6),
@@ -119,3 +121,4 @@ def test_chunked_prefill_matches_unsharded(tiny_model_dir, five_head_model_dir, 
     long_prompt = len(next(a for a in script.arrivals if a.seq_id == "long").prompt)
     assert play.chunks >= long_prompt // script.prefill_budget  # the long prompt took many steps
     assert play.evicted_pending == ["doomed"] and play.pending_shifted >= 1
+    assert play.overtaken >= 1  # a prompt finished ahead of one that held a slot before it

@@ -3,8 +3,9 @@
 Every rank is started by serve_tp.engine.rank_setup.setup_rank, the function the serving
 rank actor uses, then plays the same `Script` on its SequenceBatch through the engine's
 Scheduler and Executor: sequences arrive at given steps (joining while others decode, their
-prompts prefilled whole or in chunks of a per-step budget), decode greedily and leave when
-done or cancelled (their slots refilled by moves), as the engine loop drives them.
+prompts prefilled whole or in chunks of a per-step budget, shared as the scheduler shares
+it), decode greedily and leave when done or cancelled (their slots refilled by moves), as
+the engine loop drives them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class PlayLog:
     chunks: int = 0  # prefill chunks that did not end their prompt
     evicted_pending: list[str] = field(default_factory=list)  # cancelled part-way through prefill
     pending_shifted: int = 0  # steps whose evictions moved a part-prefilled slot down
+    overtaken: int = 0  # steps in which a prompt finished ahead of one that held a slot before it
 
 
 def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult], PlayLog]:
@@ -89,6 +91,10 @@ def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult]
             if set(plan.evict) & set(batch.seq_ids) and set(batch.pending) - set(plan.evict):
                 log.pending_shifted += 1
             log.chunks += sum(not c.final for c in plan.prefill)
+            slot_order = [s for s in batch.pending if s not in plan.evict]
+            slot_order += [c.seq_id for c in plan.prefill if c.seq_id not in slot_order]
+            finals = [c.seq_id for c in plan.prefill if c.final]
+            log.overtaken += finals != slot_order[: len(finals)]
             step_logits = executor.run(plan)
             if plan.decode_tokens:
                 log.spans.append(attention_span(max(batch.lengths[: len(plan.decode_tokens)]), batch.cache.max_len))

@@ -70,6 +70,7 @@ class EngineLoop:
         max_batch_size: int,
         batch_wait_s: float,
         max_prefill_tokens: int = 2048,
+        prefill_share_tokens: Optional[int] = None,
         sampler: Optional[Sampler] = None,
         on_step: Optional[Callable[[int, int, int], None]] = None,
     ):
@@ -79,7 +80,8 @@ class EngineLoop:
         self.broadcast = broadcast
         self.rank = rank
         self.executor = Executor(batch, keep_prompt_logits=rank == 0)
-        self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens)
+        self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens,
+                                   prefill_share_tokens)
         self.outputs = OutputProcessor(self.scheduler, eos_token_id, max_context)
         self.sampler = sampler
         self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step

@@ -68,6 +68,7 @@ class InferenceWorker:
             max_batch_size=s.max_batch_size,
             batch_wait_s=s.batch_wait_timeout_s,
             max_prefill_tokens=s.max_prefill_tokens,
+            prefill_share_tokens=s.prefill_share_tokens,
             sampler=sampler,
             on_step=EngineMetrics(s.served_model_name).step if self.rank == 0 else None,
         )
