@@ -118,6 +118,14 @@ class ServeTPConfig(BaseModel):
         "a step's cost, so every stream's time per token, stays bounded as long prompts arrive. Lower it "
         "for steadier TPOT under heavy prompt traffic, raise it for faster TTFT when prompts are rare."
     )
+    prefill_share_tokens: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="When prompts contend for a step's prefill budget, each "
+        "(in arrival order) first gets a share of at most this many tokens, then what is left goes to the "
+        "unfinished ones in turn: a short prompt behind long ones finishes in the step it is admitted "
+        "instead of waiting for their chunks (vLLM's long_prefill_token_threshold, but a cap only under "
+        "contention). None (default): max_prefill_tokens // 4. max_prefill_tokens or more: plain first "
+        "come, first served."
+    )
 
     async_scheduling: bool = Field(
         False, description="Rank 0 plans and launches step n+1 before it reads step n's sampled "

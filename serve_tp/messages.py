@@ -31,6 +31,7 @@ class RankSettings:
     batch_wait_timeout_s: float = 0.002
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per engine step (chunked prefill)
     async_scheduling: bool = False  # rank 0 launches step n+1 before reading step n's tokens (loop.py)
+    prefill_share_tokens: Optional[int] = None  # each prompt's first claim on that budget; None: a quarter
     collective_timeout_s: float = 900.0
     stall_timeout_s: float = 60.0
     max_logprobs: int = 20

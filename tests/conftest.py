@@ -67,9 +67,11 @@ def deploy(name: str, route_prefix: str, **args) -> str:
 
 @pytest.fixture(scope="session")
 def serve_app(ray_cluster, tiny_model_dir) -> RunningApp:
-    """The app as users run it: TP=2 on CPU over HTTP, served as 'tiny-gpt2'."""
+    """The app as users run it: TP=2 on CPU over HTTP, served as 'tiny-gpt2'. Its prefill
+    budget is small for the tiny model's 256-token context, so longer prompts (lm_eval's
+    contexts, the long-prompt tests) reach every API path prefilled in several chunks."""
     base_url = deploy(
         "serve_tp", "/", model=tiny_model_dir, tensor_parallel_size=2, device="cpu",
-        max_batch_size=16, request_timeout_s=60,
+        max_batch_size=16, request_timeout_s=60, max_prefill_tokens=32,
     )
     return RunningApp(base_url, Path(tiny_model_dir).name, tiny_model_dir)

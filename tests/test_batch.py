@@ -98,8 +98,8 @@ def test_logits_after_slot_moves_match_hf_over_long_contexts(tiny_model_dir, for
     batch = SequenceBatch(forward, slots=4, max_len=context)
     moved, move = [], batch.cache.move
     batch.cache.move = lambda source, target, length: (moved.append(length), move(source, target, length))
-    results, spans = play(batch, script, keep_logits=True)
-    assert max(moved) > 128 and max(spans) == context  # a long cache moved; the whole context used
+    results, log = play(batch, script, keep_logits=True)
+    assert max(moved) > 128 and max(log.spans) == context  # a long cache moved; the whole context used
     for arrival in script.arrivals:
         seq = results[arrival.seq_id]
         reference.check_greedy_run(tiny_model_dir, arrival.prompt, seq.tokens, torch.tensor(seq.logits), bound)
@@ -159,15 +159,115 @@ def test_prompt_chunks_give_the_whole_prompts_logits(forward, tiny_model_dir, bo
     assert_close_to_exact(tiny_model_dir, prompt + [7], step[1], bound)
 
 
-def test_a_chunk_must_continue_its_prompt_and_finish_in_turn(forward):
+def test_a_chunk_must_continue_its_prompt(forward):
     from serve_tp.engine.plan import PrefillChunk
 
     batch = SequenceBatch(forward, slots=3, max_len=64)
     batch.prefill([PrefillChunk("a", (1, 2, 3), 0, False)])
     with pytest.raises(ValueError, match="does not continue"):
         batch.prefill([PrefillChunk("a", (4,), 5, True)])
-    with pytest.raises(ValueError, match="out of turn"):
-        batch.prefill([PrefillChunk("a", (4,), 3, False), PrefillChunk("b", (1,), 0, True)])
+    with pytest.raises(ValueError, match="do not fit"):
+        batch.prefill([PrefillChunk(s, (1,), 0, True) for s in "bcd"])
     assert batch.pending == ["a"] and batch.pending_lengths == [3]  # refused steps changed nothing
-    last, _ = batch.prefill([PrefillChunk("a", (4,), 3, True), PrefillChunk("b", (1,), 0, True)])
-    assert last.shape[0] == 2 and batch.seq_ids == ["a", "b"] and batch.lengths == [4, 1]
+    last, _ = batch.prefill([PrefillChunk("b", (1,), 0, True), PrefillChunk("a", (4,), 3, True)])
+    assert last.shape[0] == 2 and batch.seq_ids == ["b", "a"] and batch.lengths == [1, 4]  # the plan's order
+
+
+def test_prompts_finishing_ahead_of_part_filled_ones_take_their_slots_and_all_stay_exact(tiny_model_dir, forward,
+                                                                                          bound):
+    """Beside a decoding row, two prompts part-way through (slots 1, 2); then one of them
+    and a new whole prompt finish while the other goes on: the finishers take slots 1 and
+    2 (the part-filled prefix of the one going on moves to slot 3, the finishing one's from
+    2 to 1, in one permutation), and every prompt's logits, and the decode after, stay
+    within the bound of float64's."""
+    from serve_tp.engine.plan import PrefillChunk
+
+    held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
+    long, mid, short, row = list(held[3]), list(held[2]), list(held[4]), [5, 6, 7]
+    batch = SequenceBatch(forward, slots=4, max_len=forward.wpe.shape[0])
+    batch.admit(["row"], [row])
+    batch.prefill([PrefillChunk("long", tuple(long[:30]), 0, False), PrefillChunk("mid", tuple(mid[:10]), 0, False)])
+    moved, move_many = [], batch.cache.move_many
+    batch.cache.move_many = lambda s, t, n: (moved.append((s, t, n)), move_many(s, t, n))
+    last, _ = batch.prefill([PrefillChunk("long", tuple(long[30:40]), 30, False),
+                             PrefillChunk("mid", tuple(mid[10:]), 10, True),
+                             PrefillChunk("short", tuple(short), 0, True)])
+    assert moved == [([2, 1], [1, 3], 30)]  # only cached prefixes move: mid's 10 and long's 30, at once
+    assert (batch.seq_ids, batch.lengths) == (["row", "mid", "short"], [3, len(mid), len(short)])
+    assert (batch.pending, batch.pending_lengths) == (["long"], [40])
+    assert_close_to_exact(tiny_model_dir, mid, last[0], bound)
+    assert_close_to_exact(tiny_model_dir, short, last[1], bound)
+    last, _ = batch.prefill([PrefillChunk("long", tuple(long[40:]), 40, True)])
+    assert batch.seq_ids == ["row", "mid", "short", "long"] and not batch.pending
+    assert_close_to_exact(tiny_model_dir, long, last[0], bound)
+    step = batch.decode([1, 2, 3, 4])
+    for i, prompt in enumerate([row, mid, short, long]):
+        assert_close_to_exact(tiny_model_dir, prompt + [i + 1], step[i], bound)
+
+
+def test_padding_rows_leave_a_part_prefilled_slot_intact(tiny_model_dir, forward, bound):
+    """A replayed graph of bucket 4 decodes 1 real row and 3 padding rows, into slots 1..3,
+    while slot 1 holds half a prompt: its prefill goes on to the exact logits. (Padding at
+    position 0, as before chunked prefill, overwrote the prompt's first K/V there.)"""
+    from serve_tp.engine.decode_runner import padded_inputs
+    from serve_tp.engine.plan import PrefillChunk
+
+    batch = SequenceBatch(forward, slots=4, max_len=forward.wpe.shape[0])
+    batch.admit(["a"], [[1, 2, 3]])
+    prompt = (11, 12, 13, 14, 15, 16, 17)
+    batch.prefill([PrefillChunk("p", prompt[:4], 0, False)])
+    assert (batch.seq_ids, batch.pending, batch.pending_lengths) == (["a"], ["p"], [4])
+    tokens, positions = padded_inputs([9], batch.lengths, 4, batch.cache.max_len)
+    with torch.inference_mode():  # what DecodeRunner.run replays on GPU for one row
+        forward.decode(batch.cache, torch.tensor(tokens), torch.tensor(positions), 64)
+    batch.lengths = [n + 1 for n in batch.lengths]
+    last, _ = batch.prefill([PrefillChunk("p", prompt[4:], 4, True)])
+    assert batch.seq_ids == ["a", "p"] and not batch.pending
+    assert_close_to_exact(tiny_model_dir, list(prompt), last[0], bound)
+
+
+@pytest.mark.parametrize("budget", [1, 16])
+def test_mixed_chunks_through_the_executor_give_exact_logits_and_echo_scores(tiny_model_dir, forward, bound,
+                                                                             budget):
+    """Several prompts through a small per-step budget shared as the scheduler shares it
+    (so whole prompts and continued chunks share a pass, beside decode rows, and short
+    prompts finish ahead of part-filled long ones), one eviction moving a part-filled
+    slot: each last position's logits and every echo score (gathered over the chunks by
+    the executor's batch) within the rounding bound of float64's."""
+    from serve_tp.engine.executor import Executor
+    from serve_tp.engine.plan import PrefillChunk, StepPlan
+    from serve_tp.engine.scheduler import allot, default_prefill_share
+
+    held = [a.prompt for a in whole_context_script(tiny_model_dir).arrivals]
+    prompts = {"x": held[1], "y": held[3][:40], "z": held[2][:17], "w": held[4]}
+    batch = SequenceBatch(forward, slots=5, max_len=forward.wpe.shape[0])
+    executor = Executor(batch, keep_prompt_logits=True)
+    executor.run(StepPlan(prefill=[PrefillChunk("first", (5, 6, 7), 0, True)]))
+    done, echo, order, evict, overtaken = {}, {}, list(prompts), [], 0
+    while order:
+        remaining = [len(prompts[s]) - done.get(s, 0) for s in order]
+        chunks = []
+        for seq_id, n in zip(order, allot(remaining, budget, default_prefill_share(budget))):
+            start = done.get(seq_id, 0)
+            if n:
+                chunks.append(PrefillChunk(seq_id, tuple(prompts[seq_id][start:start + n]), start,
+                                           start + n == len(prompts[seq_id]), prompt_logits=True))
+            done[seq_id] = start + n
+        decode = [1] * (len(batch) - len(evict))
+        step = executor.run(StepPlan(evict=evict, decode_tokens=decode, prefill=chunks))
+        evict = ["first"] if "first" in batch.seq_ids and batch.pending else []  # moves the pending slot
+        finals = [c.seq_id for c in chunks if c.final]
+        logits = step.logits if step.logits is not None else torch.empty(0)
+        assert logits.shape[0] == len(decode) + len(finals)
+        for seq_id, row in zip(finals, logits[len(decode):]):
+            assert_close_to_exact(tiny_model_dir, list(prompts[seq_id]), row, bound)
+        echo.update(step.prompt_logits)
+        overtaken += finals != order[: len(finals)]
+        order = [s for s in order if s not in finals]
+    assert set(echo) == set(prompts) and "first" not in batch.seq_ids
+    assert overtaken >= (budget > 1)  # with a share of 4, a short prompt finished ahead of a longer one
+    for seq_id, prompt in prompts.items():
+        exact = reference.logits_along(tiny_model_dir, prompt)
+        assert echo[seq_id].shape[0] == len(prompt)
+        error = float((echo[seq_id].double() - exact).abs().max())
+        assert error <= bound, f"{seq_id}: echo logits off by {error:.3g} > {bound:.3g}"

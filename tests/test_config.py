@@ -15,6 +15,7 @@ from serve_tp.model.source import ModelSourceError, check_model_shardable, resol
         ({"device": "tpu"}, "device"),
         ({"placement_strategy": "ANYWHERE"}, "placement_strategy"),
         ({"max_batch_size": -1}, "max_batch_size"),
+        ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
         ({"no_such_setting": 1}, "no_such_setting"),
         ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config"),
         ({"device": "cpu", "dtype": "float16"}, "float16"),

@@ -219,3 +219,46 @@ def test_cancelling_a_prompt_part_way_through_prefill_frees_its_slot(model_and_t
         assert other.done.wait(60) and other.tokens == alone(model_dir, short, 40)
     finally:
         engine.stop()
+
+
+def test_a_small_prefill_budget_gives_the_same_tokens_and_echo_scores(model_and_tokenizer):
+    """Three tokens of prefill a step: prompts take many steps, arriving while others decode.
+    Tokens equal the solo reference; echo scores (every prompt position, gathered over the
+    chunks) equal those of an engine that prefills whole prompts, to rounding."""
+    model_dir, tokenizer = model_and_tokenizer
+    prompts = {"gen": "Tensor parallelism splits every layer across devices, and each",
+               "echo": "The quick brown fox jumps over the lazy dog near the river bank.",
+               "both": "Once upon a time there was a"}
+    params = {"gen": greedy(12),
+              "echo": SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=2),
+              "both": SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=0)}
+    runs = {}
+    for budget in (3, 512):
+        engine = start_engine(model_dir, tokenizer.eos_token_id, max_prefill_tokens=budget)
+        try:
+            sinks = {name: Collector() for name in prompts}
+            scores = {name: [] for name in prompts}
+            for name, text in prompts.items():
+                sink = sinks[name]
+                def capture(out, sink=sink, into=scores[name]):
+                    if out.prompt_logprobs is not None:
+                        into.append(out.prompt_logprobs)
+                    sink(out)
+                engine.submit(SequenceRequest(name, tuple(tokenizer.encode(text)), params[name]), capture)
+                if name == "gen":
+                    assert sink.first.wait(30)  # the others arrive while it decodes
+            assert all(sink.done.wait(60) for sink in sinks.values())
+            runs[budget] = ({n: s.tokens for n, s in sinks.items()}, scores, engine.steps)
+        finally:
+            engine.stop()
+    (tokens, scores, chunked_steps), (whole_tokens, whole_scores, _) = runs[3], runs[512]
+    assert tokens == whole_tokens
+    assert tokens["gen"] == alone(model_dir, tokenizer.encode(prompts["gen"]), 12)
+    assert tokens["both"] == alone(model_dir, tokenizer.encode(prompts["both"]), 6)
+    for name in ("echo", "both"):
+        [chunked], [whole] = scores[name], whole_scores[name]
+        assert len(chunked) == len(tokenizer.encode(prompts[name])) and chunked[0] is None
+        for ours, theirs in zip(chunked[1:], whole[1:]):
+            assert ours.token_id == theirs.token_id
+            assert abs(ours.logprob - theirs.logprob) < 1e-4
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]

@@ -1,9 +1,11 @@
 """Run the real TP path in `world_size` local processes (on CPU: DeepSpeed shared memory or gloo; NCCL on GPUs).
 
 Every rank is started by serve_tp.engine.rank_setup.setup_rank, the function the serving
-rank actor uses, then plays the same `Script` on its SequenceBatch: sequences arrive at
-given steps (joining while others decode), decode greedily and leave when done (their
-slots refilled by moves), as the engine loop drives them.
+rank actor uses, then plays the same `Script` on its SequenceBatch through the engine's
+Scheduler and Executor: sequences arrive at given steps (joining while others decode, their
+prompts prefilled whole or in chunks of a per-step budget, shared as the scheduler shares
+it), decode greedily and leave when done or cancelled (their slots refilled by moves), as
+the engine loop drives them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -27,14 +30,15 @@ class Arrival:
     seq_id: str
     prompt: tuple[int, ...]
     max_new: int  # tokens to generate before leaving
-    step: int = 0  # the step at which it joins the batch
+    step: int = 0  # the step at which it is submitted
+    cancel_step: Optional[int] = None  # the step at which it is cancelled, wherever it is then
 
 
 @dataclass
 class Script:
     arrivals: list[Arrival]
     slots: int = 0  # 0: as many as arrivals
-    prefill_budget: int = 0  # > 0: prompts prefilled in chunks of this many tokens a step, as the engine does
+    prefill_budget: int = 0  # prompt tokens per step (max_prefill_tokens); 0: whole prompts at once
 
     @classmethod
     def together(cls, prompts, max_new: int) -> "Script":
@@ -47,74 +51,64 @@ class SeqResult:
     logits: list = field(default_factory=list)  # float32 rows that chose each token (rank 0)
 
 
-def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult], list[int]]:
-    """Drive `batch` through `script` as the engine does: evict, admit, decode, each step.
+@dataclass
+class PlayLog:
+    spans: list[int] = field(default_factory=list)  # the attention span of every decode step
+    chunks: int = 0  # prefill chunks that did not end their prompt
+    evicted_pending: list[str] = field(default_factory=list)  # cancelled part-way through prefill
+    pending_shifted: int = 0  # steps whose evictions moved a part-prefilled slot down
+    overtaken: int = 0  # steps in which a prompt finished ahead of one that held a slot before it
 
-    Returns each sequence's result and the attention span of every decode step.
+
+def play(batch, script: Script, keep_logits: bool) -> tuple[dict[str, SeqResult], PlayLog]:
+    """Drive `batch` through `script` with the engine's own Scheduler and Executor, one plan
+    per step (evict, decode, prefill chunks within the budget), greedy; a sequence finishes
+    after `max_new` tokens. Every rank plays the same script, so it makes the same plans.
     """
     from serve_tp.engine.decode_runner import attention_span
+    from serve_tp.engine.executor import Executor
+    from serve_tp.engine.scheduler import Scheduler
+    from serve_tp.messages import SamplingParams, SequenceRequest
 
+    budget = script.prefill_budget or batch.cache.slots * batch.cache.max_len
+    scheduler = Scheduler(batch.rows_after_evict, batch.cache.slots, 0, budget)
+    executor = Executor(batch, keep_prompt_logits=False)
     results = {a.seq_id: SeqResult() for a in script.arrivals}
-    spans = []
     wanted = {a.seq_id: a.max_new for a in script.arrivals}
-
-    def record(seq_ids, logits):
-        for seq_id, row in zip(seq_ids, logits):
-            results[seq_id].tokens.append(int(row.argmax()))
-            if keep_logits:
-                results[seq_id].logits.append(row.float().cpu().numpy())
-
-    if script.prefill_budget:
-        return _play_chunked(batch, script, results, record, wanted, spans)
+    log = PlayLog()
     waiting, step = sorted(script.arrivals, key=lambda a: a.step), 0
-    while waiting or len(batch):
-        done = [s for s in batch.seq_ids if len(results[s].tokens) >= wanted[s]]
-        batch.evict(done)
-        joining = [a for a in waiting if a.step <= step]
-        if joining:
-            waiting = waiting[len(joining):]
-            ids = [a.seq_id for a in joining]
-            record(ids, batch.admit(ids, [list(a.prompt) for a in joining])[0])
-            batch.evict([s for s in ids if len(results[s].tokens) >= wanted[s]])
-        if len(batch):
-            rows = list(batch.seq_ids)
-            spans.append(attention_span(max(batch.lengths) + 1, batch.cache.max_len))
-            record(rows, batch.decode([results[s].tokens[-1] for s in rows]))
-        step += 1
-    return results, spans
-
-
-def _play_chunked(batch, script, results, record, wanted, spans):
-    """The engine's step order: evict, decode the decoding rows, then prompt chunks within
-    the budget, first come first served (a prompt part-way through before new ones)."""
-    from serve_tp.engine.decode_runner import attention_span
-    from serve_tp.engine.plan import PrefillChunk
-
-    waiting, step = sorted(script.arrivals, key=lambda a: a.step), 0
-    prefilling: list[list] = []  # [arrival, tokens planned]
-    while waiting or prefilling or len(batch):
-        batch.evict([s for s in batch.seq_ids if len(results[s].tokens) >= wanted[s]])
+    while waiting or scheduler.has_work():
         while waiting and waiting[0].step <= step:
-            prefilling.append([waiting.pop(0), 0])
-        if len(batch):
+            arrival = waiting.pop(0)
+            params = SamplingParams(max_tokens=arrival.max_new, temperature=0, ignore_eos=True)
+            scheduler.submit(SequenceRequest(arrival.seq_id, arrival.prompt, params), lambda out: None)
+        for arrival in script.arrivals:
+            if arrival.cancel_step == step:
+                scheduler.cancel(arrival.seq_id)
+        if scheduler.has_work():
+            plan, _ = scheduler.next_plan()
+            log.evicted_pending += [s for s in plan.evict if s in batch.pending]
+            if set(plan.evict) & set(batch.seq_ids) and set(batch.pending) - set(plan.evict):
+                log.pending_shifted += 1
+            log.chunks += sum(not c.final for c in plan.prefill)
+            slot_order = [s for s in batch.pending if s not in plan.evict]
+            slot_order += [c.seq_id for c in plan.prefill if c.seq_id not in slot_order]
+            finals = [c.seq_id for c in plan.prefill if c.final]
+            log.overtaken += finals != slot_order[: len(finals)]
+            step_logits = executor.run(plan)
+            if plan.decode_tokens:
+                log.spans.append(attention_span(max(batch.lengths[: len(plan.decode_tokens)]), batch.cache.max_len))
             rows = list(batch.seq_ids)
-            spans.append(attention_span(max(batch.lengths) + 1, batch.cache.max_len))
-            record(rows, batch.decode([results[s].tokens[-1] for s in rows]))
-        chunks, budget = [], script.prefill_budget
-        for entry in prefilling:
-            if budget == 0:
-                break
-            arrival, start = entry
-            end = min(len(arrival.prompt), start + budget)
-            chunks.append(PrefillChunk(arrival.seq_id, arrival.prompt[start:end], start, end == len(arrival.prompt)))
-            entry[1], budget = end, budget - (end - start)
-        if chunks:
-            finished = [c.seq_id for c in chunks if c.final]
-            last, _ = batch.prefill(chunks)
-            record(finished, last)
-            del prefilling[: len(finished)]
+            for seq_id, row in zip(rows, step_logits.logits if step_logits.logits is not None else []):
+                token = int(row.argmax())
+                results[seq_id].tokens.append(token)
+                if keep_logits:
+                    results[seq_id].logits.append(row.float().cpu().numpy())
+                scheduler.sequence(seq_id).generated.append(token)
+                if len(results[seq_id].tokens) >= wanted[seq_id]:
+                    scheduler.finish(seq_id)
         step += 1
-    return results, spans
+    return results, log
 
 
 def _rank_main(rank, world_size, port, model_dir, script, results, device_type, dtype, cuda_graphs,
@@ -133,8 +127,8 @@ def _rank_main(rank, world_size, port, model_dir, script, results, device_type, 
         )
         setup = setup_rank(rank, world_size, "127.0.0.1", port, settings,
                            cuda_index=rank if device_type == "cuda" else 0)
-        out, spans = play(setup.batch, script, keep_logits=rank == 0)
-        results.put((rank, out, {**setup.info(), "spans": spans}, None))
+        out, log = play(setup.batch, script, keep_logits=rank == 0)
+        results.put((rank, out, {**setup.info(), "spans": log.spans, "play": log}, None))
     except Exception:
         results.put((rank, None, None, traceback.format_exc()))
 

@@ -4,9 +4,12 @@ Sequences join (prefill) and leave (finished, cancelled) between decode steps. T
 decoding sequences always fill slots 0..n-1: a leaving sequence's slot is refilled by
 moving the last one into it, so a decode step is "the first n slots", a shape CUDA graphs
 can replay. Sequences whose prompts are still being prefilled, chunk by chunk, sit in
-the slots right after them (n..n+m-1, first come first): the first of them to finish
-becomes decoding row n without moving. Every rank applies the same plans to the same
-state, so all ranks agree on the row order.
+the slots right after them (n..n+m-1). Any of them may finish in a step (the scheduler
+gives short prompts a share of the budget beside long ones): before the step's prefill,
+those finishing are brought to the first of these slots, in the plan's order, by one
+permutation of the part-filled prefixes, so they become decoding rows n.. without moving
+afterwards. Every rank applies the same plans to the same state, so all ranks agree on
+the row order.
 
 `sampled` holds, per decoding slot, the token rank 0 sampled for it last step, on the
 device: async scheduling decodes from it (rank 0 writes it, the others receive it by
@@ -142,16 +145,15 @@ class SequenceBatch:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Prefill prompt chunks: a sequence's first chunk takes the next free slot.
 
-        The sequences whose final chunk this is become decoding rows; returns their last
-        positions' logits [n, V] (in row order), and the logits of every prompt position
-        [len, V] of those in `keep_prompt_logits` (echo scoring), gathered over all their
-        chunks. Consecutive whole prompts are prefilled together, right-padded.
+        The sequences whose final chunk this is become decoding rows, in the order of their
+        chunks; returns their last positions' logits [n, V] (in row order), and the logits
+        of every prompt position [len, V] of those in `keep_prompt_logits` (echo scoring),
+        gathered over all their chunks. Consecutive whole prompts are prefilled together,
+        right-padded.
         """
         finished = [c.seq_id for c in chunks if c.final]
-        order = self.pending + [c.seq_id for c in chunks if c.start == 0 and c.seq_id not in self.pending]
-        if finished != order[: len(finished)]:
-            raise ValueError(f"sequences {finished} finish prefill out of turn: {order[: len(finished) + 1]} first")
         self._place(chunks)
+        self._bring_forward(finished)
         last = {}
         i = 0
         while i < len(chunks):
@@ -188,6 +190,24 @@ class SequenceBatch:
             done[chunk.seq_id] = end
         self.pending.extend(new)
         self.pending_lengths.extend(0 for _ in new)
+
+    @torch.inference_mode()
+    def _bring_forward(self, finishing: Sequence[str]) -> None:
+        """Give the sequences finishing their prompts this step the first prefilling slots,
+        in `finishing`'s order, the others keeping theirs after them. Only cached prefixes
+        move (a new sequence has none), all in one gather, which permutes safely."""
+        order = list(finishing) + [sid for sid in self.pending if sid not in finishing]
+        if order == self.pending:
+            return
+        base = len(self.seq_ids)
+        held = dict(zip(self.pending, self.pending_lengths))
+        was = {sid: base + j for j, sid in enumerate(self.pending)}
+        moved = [(sid, base + j) for j, sid in enumerate(order) if held[sid] and was[sid] != base + j]
+        if moved:
+            self.cache.move_many([was[sid] for sid, _ in moved], [target for _, target in moved],
+                                 max(held[sid] for sid, _ in moved))
+        self.pending = order
+        self.pending_lengths = [held[sid] for sid in order]
 
     def _slot(self, seq_id: str) -> int:
         return len(self.seq_ids) + self.pending.index(seq_id)

@@ -82,6 +82,7 @@ class EngineLoop:
         max_batch_size: int,
         batch_wait_s: float,
         max_prefill_tokens: int = 2048,
+        prefill_share_tokens: Optional[int] = None,
         sampler: Optional[Sampler] = None,
         on_step: Optional[Callable[[int, int, int], None]] = None,
         async_scheduling: bool = False,
@@ -95,7 +96,7 @@ class EngineLoop:
         self.async_scheduling = async_scheduling
         self.executor = Executor(batch, keep_prompt_logits=rank == 0, share_sampled=share_sampled)
         self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens,
-                                   async_scheduling=async_scheduling)
+                                   prefill_share_tokens, async_scheduling=async_scheduling)
         self.outputs = OutputProcessor(self.scheduler, eos_token_id, max_context)
         self.sampler = sampler
         self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step

@@ -24,8 +24,9 @@ class PrefillChunk:
 
     A sequence's first chunk (start 0) gives it the next free slot after the decoding rows
     and the other prefilling ones; its `final` chunk makes it a decoding row, and only a
-    final chunk yields logits (the first token's). Chunks are allotted first come, first
-    served, so the sequences that finish in a step are always the first prefilling ones.
+    final chunk yields logits (the first token's). Any prefilling sequence may finish in a
+    step, not only the first (the scheduler shares the budget among prompts): those that
+    do become decoding rows in the order of their chunks in the plan.
     """
 
     seq_id: str

@@ -264,6 +264,11 @@ class KVCache:
         """Copy slot `source`'s first `length` positions into slot `target`."""
         self.kv[:, target, :, :, :length] = self.kv[:, source, :, :, :length]
 
+    def move_many(self, sources: list[int], targets: list[int], length: int) -> None:
+        """Copy slots `sources`' first `length` positions into slots `targets`: every source
+        is read before any target is written, so the moves may form cycles (a swap)."""
+        self.kv[:, targets, :, :, :length] = self.kv[:, sources, :, :, :length]
+
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
