@@ -141,16 +141,20 @@ def _greedy(forward, prompts, steps):
     return torch.stack(every), batch.cache.kv
 
 
-def test_gpt2_decode_with_the_kernel_gives_sdpa_logits(tiny_model_dir):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile_decode"])
+def test_gpt2_decode_with_the_kernel_gives_sdpa_logits(tiny_model_dir, compiled):
     """The whole decode step (trained tiny model, fp32) with decode_attention="triton" against
-    "sdpa"; control: the "sdpa" step in float64, what fp32 rounding alone moves the logits by.
-    One prompt is long enough that its rows cross the kernel's 64-position blocks."""
+    "sdpa", also between compile_decode's pieces (attention stays outside them); control: the
+    "sdpa" step in float64, what fp32 rounding alone moves the logits by. One prompt is long
+    enough that its rows cross the kernel's 64-position blocks."""
     from serve_tp.model.forward import GPT2Forward
     from serve_tp.model.loader import load_shard
 
     shard = load_shard(tiny_model_dir, "float32", DEVICE, 0, 1)
     prompts = [[1, 2, 3], [(7 * i) % 90 + 5 for i in range(62)], [40, 41]]
-    kernel, kernel_cache = _greedy(GPT2Forward(shard, decode_attention="triton"), prompts, 6)
+    forward = GPT2Forward(shard, decode_attention="triton", compile_decode=compiled)
+    assert (forward.compiled is not None) == compiled
+    kernel, kernel_cache = _greedy(forward, prompts, 6)
     sdpa, sdpa_cache = _greedy(GPT2Forward(shard), prompts, 6)
     exact, exact_cache = _greedy(GPT2Forward(shard.double()), prompts, 6)
     control = _err(sdpa, exact)
