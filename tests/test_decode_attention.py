@@ -75,7 +75,7 @@ ROWS = {
 def test_fp32_kernel_matches_sdpa_within_rounding(rows, heads):
     qkv, kv, positions = _case(torch.float32, heads, rows)
     cache = kv.clone()
-    out = kernel_module.decode_attention(qkv, cache, positions, SCALE)
+    out = kernel_module.decode_attention(qkv, cache, positions, SPAN, SCALE)
     reference, reference_cache = _sdpa(qkv, kv, positions, torch.float32)
     math, _ = _sdpa(qkv, kv, positions, torch.float32, math=True)
     exact, _ = _sdpa(qkv, kv, positions, torch.float64, math=True)
@@ -97,7 +97,7 @@ def test_half_kernel_rounds_the_exact_result_once(rows, dtype):
     torch's own kernel."""
     qkv, kv, positions = _case(dtype, 4, rows)
     cache = kv.clone()
-    out = kernel_module.decode_attention(qkv, cache, positions, SCALE)
+    out = kernel_module.decode_attention(qkv, cache, positions, SPAN, SCALE)
     reference, reference_cache = _sdpa(qkv, kv, positions, dtype)
     exact, _ = _sdpa(qkv, kv, positions, torch.float64, math=True)
     assert out.dtype == dtype and torch.equal(cache, reference_cache)
@@ -109,22 +109,48 @@ def test_half_kernel_rounds_the_exact_result_once(rows, dtype):
     assert excess <= 0, excess
 
 
+def test_head_dim_that_is_no_power_of_two():
+    """GPT-2's shapes all have D=64; others pad D to a power of two inside the kernel (masked)."""
+    qkv, kv, positions = _case(torch.float32, 3, [0, 100, SPAN - 1], head_dim=80)
+    cache = kv.clone()
+    out = kernel_module.decode_attention(qkv, cache, positions, SPAN, SCALE)
+    reference, reference_cache = _sdpa(qkv, kv, positions, torch.float32)
+    exact, _ = _sdpa(qkv, kv, positions, torch.float64, math=True)
+    assert out.shape == (3, 3 * 80) and torch.equal(cache, reference_cache)
+    assert _err(out, exact) <= 4 * _err(reference, exact), (_err(out, exact), _err(reference, exact))
+
+
 def test_rows_share_no_state():
     """A row's output depends on its own slot and position only: the same row alone and
     beside others at other positions gives the same values bit for bit."""
     qkv, kv, positions = _case(torch.float32, 2, [150, 3, 64])
-    together = kernel_module.decode_attention(qkv, kv.clone(), positions, SCALE)
-    alone = kernel_module.decode_attention(qkv[:1], kv.clone(), positions[:1], SCALE)
+    together = kernel_module.decode_attention(qkv, kv.clone(), positions, SPAN, SCALE)
+    alone = kernel_module.decode_attention(qkv[:1], kv.clone(), positions[:1], SPAN, SCALE)
     assert torch.equal(together[:1], alone)
     assert not torch.equal(together[1], together[0])  # control: rows do differ
+
+
+def test_padding_rows_store_their_kv_and_read_nothing():
+    """A CUDA graph's padding row (decode_runner.padded_inputs: the cache's last position, past
+    the span) stores its K/V like the index_put does and skips attention: its output is its V."""
+    from serve_tp.engine.decode_runner import padded_inputs
+
+    _, pad_position = padded_inputs([7], [150], 2, MAX_LEN)[1]
+    qkv, kv, positions = _case(torch.float32, 2, [150, pad_position])
+    cache = kv.clone()
+    out = kernel_module.decode_attention(qkv, cache, positions, SPAN, SCALE)
+    reference, reference_cache = _sdpa(qkv, kv, positions, torch.float32)
+    assert torch.equal(cache, reference_cache)
+    assert torch.equal(out[1], qkv[1, 2].reshape(-1))
+    assert _err(out[0], reference[0]) < 1e-5  # the real row beside it is unaffected
 
 
 def test_shape_mismatch_is_refused():
     qkv, kv, positions = _case(torch.float32, 2, [5])
     with pytest.raises(ValueError, match="does not hold"):
-        kernel_module.decode_attention(qkv, kv[:, :, :1], positions, SCALE)
+        kernel_module.decode_attention(qkv, kv[:, :, :1], positions, SPAN, SCALE)
     with pytest.raises(ValueError, match="does not hold"):
-        kernel_module.decode_attention(qkv.half(), kv, positions, SCALE)
+        kernel_module.decode_attention(qkv.half(), kv, positions, SPAN, SCALE)
 
 
 def _greedy(forward, prompts, steps):

@@ -34,7 +34,9 @@ try:
 except ImportError:  # CPU-only installs: the "sdpa" path needs none of this
     triton = tl = None
 
-BLOCK_N = 64  # cached positions per step of the online softmax
+# Cached positions per step of the online softmax, and warps per program. Not tuned on a GPU;
+# ptxas for sm_90 (fp16, D=64): 64/4 uses 162 registers, no spills; 128 spills below 8 warps.
+BLOCK_N = 64
 NUM_WARPS = 4
 LOG2E = 1.0 / math.log(2.0)
 
@@ -61,9 +63,11 @@ def check_usable(device: torch.device) -> None:
 
 if triton is not None:
 
-    @triton.jit
+    # span varies with the step (decode_runner's span buckets, the last one any cache length):
+    # specialising on it (divisible by 16?) could compile a second variant inside a graph capture
+    @triton.jit(do_not_specialize=["span"])
     def _decode_attention_kernel(
-        qkv, kv, positions, out, scale_log2,
+        qkv, kv, positions, out, span, scale_log2,
         qkv_row, qkv_part, qkv_head,  # strides of qkv [B, 3, heads, D] (D contiguous)
         kv_slot, kv_part, kv_head, kv_pos,  # strides of one layer's cache [slot, 2, heads, pos, D]
         out_row,  # stride of out [B, heads * D]
@@ -91,7 +95,10 @@ if triton is not None:
         total = tl.full((), 1.0, tl.float32)
         acc = v_new.to(tl.float32)
         n = tl.arange(0, BLOCK_N)
-        for start in range(0, pos, BLOCK_N):  # the positions before this token, in its own length
+        # a graph's padding rows sit at the cache's last position, past every real row's span
+        # (decode_runner.padded_inputs): they store their K/V and read nothing, their output unused
+        stop = tl.where(pos < span, pos, 0)
+        for start in range(0, stop, BLOCK_N):  # the positions before this token, in its own length
             at = start + n
             seen = at < pos
             offsets = at[:, None] * kv_pos + d[None, :]
@@ -110,12 +117,15 @@ if triton is not None:
         tl.store(out + row * out_row + head * HEAD_DIM + d, result.to(out.dtype.element_ty), mask=d_ok)
 
 
-def decode_attention(qkv: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(qkv: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, span: int,
+                     scale: float) -> torch.Tensor:
     """Store each row's K/V at its position in its slot of `kv`, attend over its prefix.
 
     qkv: [B, 3, heads, D], this step's Q|K|V; kv: one layer's cache [slots, 2, heads, max_len, D],
     row b in slot b; positions: [B] device integers, each < max_len (not checked: no host sync).
-    Returns [B, heads * D] in qkv's dtype. One launch; capturable in a CUDA graph.
+    A row at or past `span` is a CUDA graph's padding: it stores its K/V and its output is
+    its own V, not attention (nobody reads it). Returns [B, heads * D] in qkv's dtype. One
+    launch; capturable in a CUDA graph.
     """
     batch, parts, heads, head_dim = qkv.shape
     if parts != 3 or qkv.stride(3) != 1 or kv.stride(4) != 1:
@@ -124,7 +134,7 @@ def decode_attention(qkv: torch.Tensor, kv: torch.Tensor, positions: torch.Tenso
         raise ValueError(f"cache {tuple(kv.shape)} {kv.dtype} does not hold qkv {tuple(qkv.shape)} {qkv.dtype}")
     out = torch.empty((batch, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     _decode_attention_kernel[(batch, heads)](
-        qkv, kv, positions, out, scale * LOG2E,
+        qkv, kv, positions, out, span, scale * LOG2E,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(0),

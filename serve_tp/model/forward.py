@@ -228,7 +228,7 @@ class GPT2Forward:
     def _attend(self, cache: "KVCache", layer: int, qkv: torch.Tensor, rows, positions, mask, span: int):
         """Store this token's K/V in its slot, attend over the first `span` positions: [B, heads * D]."""
         if self._attention_kernel is not None:
-            return self._attention_kernel(qkv, cache.kv[layer], positions, self.scales[layer])
+            return self._attention_kernel(qkv, cache.kv[layer], positions, span, self.scales[layer])
         return sdpa_decode_attention(qkv, cache.kv[layer], rows, positions, mask, span, self.scales[layer])
 
     def _decode_compiled(self, cache: "KVCache", h, rows, positions, mask, span: int) -> torch.Tensor:
