@@ -41,10 +41,6 @@ NUM_WARPS = 4
 LOG2E = 1.0 / math.log(2.0)
 
 
-def triton_available() -> bool:
-    return triton is not None
-
-
 def interpreting() -> bool:
     """The kernel was made under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module
     was imported: triton.jit decides then): it runs on CPU tensors with numpy, for tests."""
