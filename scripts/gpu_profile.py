@@ -4,7 +4,7 @@
     python scripts/gpu_profile.py --shapes gpt2,gpt2-medium,gpt2-large,gpt2-xl --tp 1,2 \\
         --batches 1,32,128 --json docs/results/h100x2/profile.jsonl
 
-Each rank (one process per GPU, NCCL) admits `batch` prompts of 32 tokens, then times
+Each rank (one process per GPU, NCCL) admits `batch` prompts of 32 tokens (`--prompt-tokens`), then times
 `steps` decode steps of the engine's SequenceBatch, synchronising the GPU after each, with
 the decode step replayed as a CUDA graph and launched eagerly. Also times a prefill and
 the plan broadcast the engine sends each step. Compare with the service's time per output
@@ -15,15 +15,16 @@ under --shape-dir; each rank draws random weights on its GPU in the target dtype
 (random_shard: seconds, where building and loading a checkpoint took minutes). One run of
 ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`: NCCL, or
 torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
-(compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py), so
-their rows share GPUs and warm-up. The eager pass also counts the kernels one step launches
-(torch.profiler): the count a graph replays, which sets a small step's time.
-A shape whose split the sharding refuses is skipped with the refusal, and so is a run
-whose ranks fail (out of memory...): the other runs go on. `--json` appends one JSON line
-per (shape, TP, variant, batch): {model, layers, heads, embd, tp, dtype, batch,
-decode_all_reduce, compile, graph_ms, eager_ms, kernels_per_step, capture_s (compile
-included), ...}, with
-`skipped` holding the reason when there are no timings. The summary ends with TP=2 / TP=1.
+(compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
+`--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
+layer, serve_tp/model/decode_attention.py), so their rows share GPUs and warm-up. The eager
+pass also counts the kernels one step launches (torch.profiler): the count a graph replays,
+which sets a small step's time. A shape whose split the sharding refuses is skipped with the
+refusal, and so is a run whose ranks fail (out of memory...): the other runs go on. `--json`
+appends one JSON line per (shape, TP, variant, batch): {model, layers, heads, embd, tp,
+dtype, batch, decode_all_reduce, compile, attention, graph_ms, eager_ms, kernels_per_step,
+capture_s (compile included), ...}, with `skipped` holding the reason when there are no
+timings. The summary ends with TP=2 / TP=1.
 """
 
 import argparse
@@ -62,14 +63,14 @@ def _time(fn, steps):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context):
+def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens):
     try:
-        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context)
+        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens)
     except BaseException:  # the parent must hear of it, not wait for a result that never comes
         out.put(("error", rank, traceback.format_exc()))
 
 
-def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context):
+def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens):
     from serve_tp.engine import rank_setup
     from serve_tp.messages import RankSettings
     from serve_tp.model.forward import GPT2Forward
@@ -88,16 +89,17 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
     ready.batch = ready.forward = None
     gc.collect()
     results = {"paths": {}}
-    for path, compiled in variants:
+    for variant in variants:
+        path, compiled, attention = variant
         if path == "symm_mem" and fast is None:
-            results["paths"][(path, compiled)] = f"skipped: {ready.decode_all_reduce}"
+            results["paths"][variant] = f"skipped: {ready.decode_all_reduce}"
             continue
         forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=fast if path == "symm_mem" else None,
-                              compile_decode=compiled)
+                              compile_decode=compiled, decode_attention=attention)
         label = (fast.description if path == "symm_mem" else comm.all_reduce_kind) if world > 1 else "none"
-        results["paths"][(path, compiled)] = label
+        results["paths"][variant] = label
         for graphs in (True, False):
-            _time_pass(forward, context, batches, steps, graphs, results, (path, compiled))
+            _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens)
             # The KV cache of the largest shapes takes half the GPU: one pass's is freed
             # (its batch went out of scope) before the next allocates its own.
             gc.collect()
@@ -111,7 +113,7 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
         out.put(("ok", rank, results))
 
 
-def _time_pass(forward, n_positions, batches, steps, graphs, results, variant):
+def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, prompt_tokens):
     from serve_tp.engine.batch import SequenceBatch
 
     batch = SequenceBatch(forward, max(batches), n_positions, cuda_graphs=graphs)
@@ -121,7 +123,7 @@ def _time_pass(forward, n_positions, batches, steps, graphs, results, variant):
     results[(variant, "capture_s", graphs)] = time.monotonic() - started  # compile included
     for size in batches:
         ids = [str(i) for i in range(size)]
-        prompts = [[1 + (i + j) % 50 for j in range(32)] for i in range(size)]
+        prompts = [[1 + (i + j) % 50 for j in range(prompt_tokens)] for i in range(size)]
         start = time.perf_counter()
         batch.admit(ids, prompts)
         torch.cuda.synchronize()
@@ -170,14 +172,15 @@ def random_shard(model_dir: str, dtype_name: str, device, rank: int, world_size:
     return shard
 
 
-def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context):
+def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context, prompt_tokens):
     """Rank 0's timings, or raise with the first rank's traceback (or a timeout)."""
     from serve_tp.engine.distributed import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=rank_main, args=(r, tp, port, model_dir, dtype, batches, steps, out, variants, context))
+    procs = [ctx.Process(target=rank_main, args=(r, tp, port, model_dir, dtype, batches, steps, out, variants, context,
+                                                      prompt_tokens))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -254,6 +257,11 @@ def main():
                         help="decode all-reduce paths to time at TP>1: nccl, symm_mem (one run times each)")
     parser.add_argument("--compile", default="off,on",
                         help="compile_decode: off, on (Inductor's default mode), max (max-autotune-no-cudagraphs), comma-separated")
+    parser.add_argument("--prompt-tokens", type=int, default=32,
+                        help="each prompt's length: decode steps attend over this many positions and more "
+                             "(near --context: the long spans where attention's cost shows)")
+    parser.add_argument("--attention", default="sdpa",
+                        help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), comma-separated")
     parser.add_argument("--run-timeout-s", type=float, default=400, help="per (shape, TP) run")
     parser.add_argument("--time-limit-s", type=float, default=None, help="no (shape, TP) run starts after this")
     parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
@@ -263,6 +271,10 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     tps = [int(t) for t in args.tp.split(",")]
     compiles = [COMPILE_CHOICES[c] for c in args.compile.split(",")]
+    attentions = args.attention.split(",")
+    unknown = [a for a in attentions if a not in ("sdpa", "triton")]
+    if unknown:
+        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton")
     if args.shapes:
         unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
         if unknown:
@@ -276,10 +288,14 @@ def main():
         model_dir = str(ensure_shape_model(name, Path(args.shape_dir))) if args.shapes else args.model
         layers, heads, embd = model_shape(model_dir)
         context = args.context or json.loads(Path(model_dir, "config.json").read_text())["n_positions"]
+        if args.prompt_tokens + args.steps + 5 > context:  # + 3 warm-up steps and the 2 the kernel count takes
+            parser.error(f"--prompt-tokens {args.prompt_tokens} + --steps {args.steps} + 5 exceed the "
+                         f"{context} cached positions of {name}")
         for tp in tps:
             paths = args.all_reduce.split(",") if tp > 1 else ["nccl"]
-            variants = [(p, c) for p in paths for c in compiles]
+            variants = [(p, c, a) for p in paths for c in compiles for a in attentions]
             base = {"model": name, "layers": layers, "heads": heads, "embd": embd, "tp": tp, "context": context,
+                    "prompt_tokens": args.prompt_tokens,
                     **common}
             skipped = split_refusal(heads, embd, tp)
             results = None
@@ -291,21 +307,21 @@ def main():
                 t = time.monotonic()
                 try:
                     results = run_ranks(model_dir, tp, args.dtype, batches, args.steps, args.run_timeout_s,
-                                        variants, context)
+                                        variants, context, args.prompt_tokens)
                 except RuntimeError as exc:
                     skipped = str(exc).strip().splitlines()[-1]
                     print(f"{name} TP={tp} failed:\n{exc}", flush=True)
                 base["run_s"] = round(time.monotonic() - t, 1)
             rows = []
-            for path, compiled in variants:
-                row = {**base, "compile": compiled}
-                label = None if results is None else results["paths"].get((path, compiled))
+            for v in variants:
+                path, compiled, attention = v
+                row = {**base, "compile": compiled, "attention": attention}
+                label = None if results is None else results["paths"].get(v)
                 why = skipped or (label if label and label.startswith("skipped") else None)
                 if why:
                     rows += [{**row, "batch": b, "decode_all_reduce": path, "graph_ms": None, "eager_ms": None,
                               "skipped": why} for b in batches]
                     continue
-                v = (path, compiled)
                 rows += [{**row, "batch": b, "decode_all_reduce": label, "graph_ms": round(results[(v, True, b)], 4),
                           "eager_ms": round(results[(v, False, b)], 4),
                           "prefill_ms": round(results[(v, "prefill", b)], 2),
@@ -330,9 +346,10 @@ def compile_label(compiled) -> str:
 
 
 def markdown(rows) -> str:
-    out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | decode ms/step, "
-           "CUDA graph | decode ms/step, eager | kernels/step | prefill ms (32 tokens each) | capture s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | attention | "
+           "decode ms/step, CUDA graph | decode ms/step, eager | kernels/step | prefill ms (whole prompts) | "
+           "capture s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
             cells = ["skipped: " + r["skipped"][:120], "", "", "", ""]
@@ -340,20 +357,25 @@ def markdown(rows) -> str:
             cells = [f"{r['graph_ms']:.3f}", f"{r['eager_ms']:.3f}", str(r.get("kernels_per_step", "")),
                      f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
         out.append(f"| {r['model']} | {r['layers']} | {r['heads']} | {r['embd']} | {r['tp']} | {r['dtype']} "
-                   f"| {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} | "
+                   f"| {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} "
+                   f"| {r.get('attention', 'sdpa')} | "
                    + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def ratios(rows) -> str:
-    """TP=2 step over TP=1 step (CUDA graphs), per shape, batch, all-reduce path and compile."""
-    one = {(r["model"], r["batch"], r["compile"]): r["graph_ms"] for r in rows if r["tp"] == 1 and r["graph_ms"]}
-    out = ["| model | batch | TP=2 all-reduce | compiled | TP=1 ms | TP=2 ms | TP=2 / TP=1 |", "|---|---|---|---|---|---|---|"]
+    """TP=2 step over TP=1 step (CUDA graphs), per shape, batch, all-reduce path, compile and attention."""
+    def key(r):
+        return r["model"], r["batch"], r["compile"], r.get("attention", "sdpa")
+
+    one = {key(r): r["graph_ms"] for r in rows if r["tp"] == 1 and r["graph_ms"]}
+    out = ["| model | batch | TP=2 all-reduce | compiled | attention | TP=1 ms | TP=2 ms | TP=2 / TP=1 |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = one.get((r["model"], r["batch"], r["compile"]))
+        base = one.get(key(r))
         if r["tp"] == 2 and r["graph_ms"] and base:
             out.append(f"| {r['model']} | {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} "
-                       f"| {base:.3f} | {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
+                       f"| {r.get('attention', 'sdpa')} | {base:.3f} | {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
     return "\n".join(out)
 
 

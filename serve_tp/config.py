@@ -17,6 +17,7 @@ PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 CpuAllReduce = Literal["auto", "shm", "gloo"]
 PlanChannel = Literal["auto", "shm", "gloo"]
 GpuAllReduce = Literal["auto", "symm_mem", "nccl"]
+DecodeAttention = Literal["sdpa", "triton"]
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -31,6 +32,14 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     return "float16" if device == "cuda" else "float32"
+
+
+def check_decode_attention(choice: str, device: str) -> None:
+    """The one rule for decode_attention, named or resolved device alike: the Triton kernel
+    needs a GPU, and a CPU deployment asking for it is refused rather than quietly given SDPA
+    (a setting that silently does nothing would hide a misconfigured benchmark)."""
+    if choice == "triton" and device == "cpu":
+        raise ValueError("decode_attention triton needs device cuda (a Triton GPU kernel): use sdpa on cpu")
 
 
 class AutoscalingSettings(BaseModel):
@@ -158,6 +167,12 @@ class ServeTPConfig(BaseModel):
         "into fused kernels between the GEMMs and all-reduces (Inductor without its own CUDA graphs; "
         "the decode graphs capture the compiled step). Costs compile time at start. Ignored on cpu."
     )
+    decode_attention: DecodeAttention = Field(
+        "sdpa", description="How a decode step stores this token's K/V and attends over the cache. sdpa: "
+        "an index_put, then torch's scaled_dot_product_attention over the padded span with a mask. triton: "
+        "one Triton kernel per layer doing both, each row reading only its own length "
+        "(serve_tp/model/decode_attention.py); cuda only, refused on cpu. Default sdpa until measured."
+    )
     sampler_graphs: bool = Field(
         True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
         "logprobs) as CUDA graphs, one per batch size and feature set, captured on first reuse "
@@ -215,6 +230,7 @@ class ServeTPConfig(BaseModel):
     def _device_dtype(self) -> "ServeTPConfig":
         if self.device != "auto":  # "auto" is resolved, and checked, by resolved_dtype at build time
             resolve_dtype(self.dtype, self.device)
+            check_decode_attention(self.decode_attention, self.device)
         return self
 
     @model_validator(mode="after")
@@ -233,5 +249,7 @@ class ServeTPConfig(BaseModel):
         return path.name if path.is_dir() else self.model
 
     def resolved_dtype(self, device: str) -> str:
-        """The dtype the ranks load in on `device` (resolve_dtype); ValueError if it cannot run there."""
+        """The dtype the ranks load in on `device` (resolve_dtype); ValueError if it cannot run there
+        (that dtype, or decode_attention, on that device)."""
+        check_decode_attention(self.decode_attention, device)
         return resolve_dtype(self.dtype, device)

@@ -49,6 +49,8 @@ class RankSettings:
     gpu_all_reduce: Literal["auto", "symm_mem", "nccl"] = "nccl"
     # torch.compile the decode step's pieces between GEMMs and all-reduces (serve_tp/model/compiled.py)
     compile_decode: bool = False
+    # the decode step's K/V write + attention: "sdpa" (index_put + SDPA) or "triton" (one kernel, cuda only)
+    decode_attention: Literal["sdpa", "triton"] = "sdpa"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class TPGroup:
             plan_channel=resolve_plan_channel(config, device, bundle_nodes),
             gpu_all_reduce=resolve_gpu_all_reduce(config, device, bundle_nodes),
             compile_decode=config.compile_decode and device == "cuda",
+            decode_attention=config.decode_attention,  # "triton" on cpu was refused at build time
         )
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)

@@ -19,6 +19,8 @@ from serve_tp.model.source import ModelSourceError, check_model_shardable, resol
         ({"no_such_setting": 1}, "no_such_setting"),
         ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config"),
         ({"device": "cpu", "dtype": "float16"}, "float16"),
+        ({"device": "cpu", "decode_attention": "triton"}, "decode_attention"),
+        ({"decode_attention": "flash"}, "decode_attention"),
     ],
 )
 def test_bad_settings_fail_at_build_time_naming_the_field(args, field):
@@ -51,6 +53,15 @@ def test_one_dtype_rule_for_config_and_resolution():
         ServeTPConfig(dtype="float16").resolved_dtype("cpu")
     with pytest.raises(ValueError, match="float16 is not supported with device cpu"):
         ServeTPConfig(device="cpu", dtype="float16")
+
+
+def test_triton_decode_attention_needs_cuda_named_or_resolved():
+    """Refused, not quietly swapped for sdpa, whether cpu is named or 'auto' resolves to it."""
+    assert ServeTPConfig(device="cuda", decode_attention="triton").resolved_dtype("cuda") == "float16"
+    with pytest.raises(ValueError, match="decode_attention triton needs device cuda"):
+        ServeTPConfig(decode_attention="triton").resolved_dtype("cpu")
+    with pytest.raises(ValueError, match="decode_attention triton needs device cuda"):
+        ServeTPConfig(device="cpu", decode_attention="triton")
 
 
 def test_unreachable_hub_model_names_the_offline_option(monkeypatch, tmp_path):

@@ -105,3 +105,19 @@ def test_compiled_decode_gives_eager_tokens(tiny_model_dir):
     control = (eager.double() - exact).abs().max().item()
     assert tokens == eager_tokens == exact_tokens
     assert (compiled.double() - eager.double()).abs().max().item() <= 10 * control + 1e-6, control
+
+
+def test_decode_attention_choice_is_checked_where_the_forward_is_built(tiny_model_dir):
+    """An unknown choice, and the Triton kernel on a CPU tensor outside Triton's interpreter
+    (or without triton installed), fail when GPT2Forward is built, not at the first step."""
+    from serve_tp.model import decode_attention
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.model.loader import load_shard
+
+    shard = load_shard(tiny_model_dir, "float32", CPU, 0, 1)
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        GPT2Forward(shard, decode_attention="flash")
+    if decode_attention.interpreting():
+        pytest.skip("Triton's interpreter is on in this process (tests/test_decode_attention.py): CPU is allowed")
+    with pytest.raises(ValueError, match="decode_attention='triton'"):
+        GPT2Forward(shard, decode_attention="triton")

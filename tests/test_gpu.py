@@ -9,7 +9,9 @@ rank 0's sampler replaying its chain as CUDA graphs gives the eager sampler's
 tokens and logprobs bit for bit (one GPU); in fp32, the TP engine's greedy tokens (our forward over the static KV cache,
 NCCL all-reduces) equal one unsharded process's (full forward passes, no cache), with
 decode steps replayed as CUDA graphs and launched eagerly alike; the real Serve app over
-HTTP answers the same text. fp16 and bf16 are recorded, not asserted exact: rounding
+HTTP answers the same text; on one GPU, decode_attention="triton" (one Triton kernel for the
+cache write + attention) gives "sdpa"'s greedy tokens and its logits within fp32 rounding,
+eager and in CUDA graphs. fp16 and bf16 are recorded, not asserted exact: rounding
 moves near-ties, and the printed control (one unsharded process with HF's KV cache
 against the same without) shows how far rounding alone moves greedy tokens there.
 `SERVE_TP_GPU_MODEL` picks the model (default: the tiny test model).
@@ -246,3 +248,42 @@ def test_async_scheduling_gives_the_synchronous_outputs_on_cuda(gpu_model):
     assert_same_outputs(ahead[0][0], sync[0][0], 2 * control["fp32_vs_fp64"])
     assert follower["shared"] == lead["shared"] > 0
     assert lead["overlapped_steps"] == lead["sampled_steps"] > 0
+
+
+def _decode_record(forward, prompts, steps, cuda_graphs):
+    """Greedy steps through SequenceBatch (graphs captured as rank_setup does), a row evicted
+    halfway (a slot move and a smaller bucket): every step's logits, on the host."""
+    from serve_tp.engine.batch import SequenceBatch
+
+    batch = SequenceBatch(forward, len(prompts), min(256, forward.shard.config.n_positions), cuda_graphs=cuda_graphs)
+    batch.capture()
+    logits, _ = batch.admit([str(i) for i in range(len(prompts))], prompts)
+    record, next_token = [], dict(zip(batch.seq_ids, logits.argmax(-1).tolist()))
+    for step in range(steps):
+        if step == steps // 2:
+            batch.evict(["0"])
+        logits = batch.decode([next_token[sid] for sid in batch.seq_ids])
+        record.append(logits.float().cpu())
+        next_token = dict(zip(batch.seq_ids, logits.argmax(-1).tolist()))
+    return record
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_triton_decode_attention_fp32_matches_sdpa(gpu_model, cuda_graphs):
+    """decode_attention="triton" against "sdpa" on one GPU, fp32, eager and replayed as CUDA
+    graphs: the same greedy tokens, logits within a small multiple of the control (the "sdpa"
+    step in float64: what fp32 rounding alone moves them by). Rows reach past 128 positions,
+    so they cross the kernel's 64-position blocks, at different lengths in one batch."""
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.model.loader import load_shard
+
+    shard = load_shard(gpu_model, "float32", torch.device("cuda", 0), 0, 1)
+    prompts = [[5 + (i * 7) % 40 for i in range(n)] for n in (3, 70, 120, 1)]
+    kernel = _decode_record(GPT2Forward(shard, decode_attention="triton"), prompts, 40, cuda_graphs)
+    sdpa = _decode_record(GPT2Forward(shard), prompts, 40, cuda_graphs)
+    exact = _decode_record(GPT2Forward(shard.double()), prompts, 40, False)
+    err = max((k.double() - e.double()).abs().max().item() for k, e in zip(kernel, exact))
+    control = max((s.double() - e.double()).abs().max().item() for s, e in zip(sdpa, exact))
+    print(f"\ntriton vs float64 {err:.2e}, sdpa vs float64 (control) {control:.2e}")
+    assert [k.argmax(-1).tolist() for k in kernel] == [s.argmax(-1).tolist() for s in sdpa]
+    assert err <= 4 * control, (err, control)

@@ -99,6 +99,17 @@ def test_gpu_profile_skips_a_split_the_sharding_refuses():
     assert profile.split_refusal(heads, embd, 1) is None
     assert all(profile.split_refusal(h, e, 2) is None for name, (_, h, e) in profile.SHAPES.items() if name != "gpt2-xl")
     row = {"model": "gpt2-xl", "layers": layers, "heads": heads, "embd": embd, "tp": 2, "dtype": "float16",
-           "batch": 1, "decode_all_reduce": "nccl", "compile": False, "graph_ms": None, "eager_ms": None,
-           "skipped": refusal}
-    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | nccl | off | skipped: {refusal}" in profile.markdown([row])
+           "batch": 1, "decode_all_reduce": "nccl", "compile": False, "attention": "triton", "graph_ms": None,
+           "eager_ms": None, "skipped": refusal}
+    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | nccl | off | triton | skipped: {refusal}" in profile.markdown([row])
+
+
+def test_gpu_profile_compares_tp_within_one_attention_kernel():
+    """TP=2 / TP=1 pairs rows of the same decode_attention, never a triton step with an sdpa one."""
+    profile = load("gpu_profile")
+    base = {"model": "gpt2", "batch": 1, "compile": False, "decode_all_reduce": "nccl"}
+    rows = [{**base, "tp": tp, "attention": attention, "graph_ms": ms}
+            for tp, attention, ms in [(1, "sdpa", 0.5), (1, "triton", 0.4), (2, "sdpa", 0.6), (2, "triton", 0.44)]]
+    table = profile.ratios(rows)
+    assert "| gpt2 | 1 | nccl | off | sdpa | 0.500 | 0.600 | 1.20 |" in table
+    assert "| gpt2 | 1 | nccl | off | triton | 0.400 | 0.440 | 1.10 |" in table

@@ -94,7 +94,7 @@ def build_app(args: dict[str, Any]) -> Application:
     config = parse_config(args)
     device = resolve_device(config)
     try:
-        config.resolved_dtype(device)  # the one dtype rule, now that 'auto' has a device
+        config.resolved_dtype(device)  # the dtype rule (and decode_attention's), now that 'auto' has a device
     except ValueError as exc:
         raise ConfigError(f"{exc} (device resolved from '{config.device}')") from None
     options = deployment_options(config, device)

@@ -3,9 +3,11 @@
 Hugging Face's forward grows its KV cache by concatenation, rebuilds masks on the host
 and costs hundreds of kernel launches per token. Here every sequence owns a fixed slot
 of one cache tensor, so a decode step has static shapes and can be captured as a CUDA
-graph (decode_runner.py). The maths is GPT-2's (transformers' GPT2Block); the weights are
-a `GPT2Shard` (shard.py), whose plan gives this rank's head count (ranks may differ by
-one head), and the row-parallel outputs are summed with the group's all-reduce.
+graph (decode_runner.py); its cache write and attention may be one Triton kernel per
+layer (decode_attention.py, `decode_attention="triton"`). The maths is GPT-2's
+(transformers' GPT2Block); the weights are a `GPT2Shard` (shard.py), whose plan gives this
+rank's head count (ranks may differ by one head), and the row-parallel outputs are summed
+with the group's all-reduce.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 logger = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], None]
+DECODE_ATTENTION = ("sdpa", "triton")
 
 
 class DecodeAllReduce(Protocol):
@@ -59,7 +62,8 @@ class GPT2Forward:
     """Prefill and decode of one rank's GPT-2 shard into slots of a `KVCache`."""
 
     def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
-                 decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False):
+                 decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False,
+                 decode_attention: str = "sdpa"):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -79,6 +83,16 @@ class GPT2Forward:
         self.device, self.dtype = shard.device, shard.dtype
         self.blocks: list[BlockShard] = list(shard.blocks)
         self.scales = attention_scales(shard.config, self.num_layers, self.head_dim)
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+        # "triton": the decode step's cache write + attention as one kernel per layer (decode_attention.py)
+        self.decode_attention = decode_attention
+        self._attention_kernel = None
+        if decode_attention == "triton":
+            from serve_tp.model.decode_attention import check_usable, decode_attention as kernel
+
+            check_usable(self.device)
+            self._attention_kernel = kernel
         self.compiled = None  # torch.compile'd pieces of decode (compiled.py), when asked and possible
         if compile_decode:
             from serve_tp.model.compiled import compiled_pieces, gelu_approximation
@@ -200,12 +214,9 @@ class GPT2Forward:
         after each row's own. Static shapes for fixed B and span; no host synchronisation,
         so it can be captured as a CUDA graph.
         """
-        batch = tokens.shape[0]
-        rows = torch.arange(batch, device=self.device)
-        hidden = torch.arange(span, device=self.device)[None, :] > positions[:, None]
-        # one additive mask for all layers (a boolean one is converted again in every layer)
-        mask = torch.zeros((batch, 1, 1, span), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(hidden.view(batch, 1, 1, span), float("-inf"))
+        rows = mask = None  # the Triton kernel needs neither: each row stops at its own position
+        if self.decode_attention == "sdpa":
+            rows, mask = sdpa_decode_mask(positions, span, self.dtype)
         h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         if self.compiled is not None:
             return self._decode_compiled(cache, h, rows, positions, mask, span)
@@ -217,14 +228,9 @@ class GPT2Forward:
 
     def _attend(self, cache: "KVCache", layer: int, qkv: torch.Tensor, rows, positions, mask, span: int):
         """Store this token's K/V in its slot, attend over the first `span` positions: [B, heads * D]."""
-        batch = qkv.shape[0]
-        kv = cache.kv[layer]
-        kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
-        attn = F.scaled_dot_product_attention(
-            qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span],
-            attn_mask=mask, scale=self.scales[layer],
-        )
-        return attn.reshape(batch, -1)
+        if self._attention_kernel is not None:
+            return self._attention_kernel(qkv, cache.kv[layer], positions, span, self.scales[layer])
+        return sdpa_decode_attention(qkv, cache.kv[layer], rows, positions, mask, span, self.scales[layer])
 
     def _decode_compiled(self, cache: "KVCache", h, rows, positions, mask, span: int) -> torch.Tensor:
         """decode() with the pieces between GEMMs and all-reduces compiled (compiled.py).
@@ -246,6 +252,28 @@ class GPT2Forward:
             total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False)
         batch_dynamic(h, total)
         return F.linear(pieces.final_norm(h, total, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.lm_head)
+
+
+def sdpa_decode_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, additive mask [B, 1, 1, span]) for `sdpa_decode_attention`, made once per step: -inf
+    at the positions after each row's own (a boolean mask is converted again in every layer)."""
+    batch = positions.shape[0]
+    rows = torch.arange(batch, device=positions.device)
+    hidden = torch.arange(span, device=positions.device)[None, :] > positions[:, None]
+    mask = torch.zeros((batch, 1, 1, span), dtype=dtype, device=positions.device)
+    return rows, mask.masked_fill_(hidden.view(batch, 1, 1, span), float("-inf"))
+
+
+def sdpa_decode_attention(qkv: torch.Tensor, kv: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                          mask: torch.Tensor, span: int, scale: float) -> torch.Tensor:
+    """decode_attention="sdpa": index_put this token's K/V into one layer's cache `kv`, then SDPA
+    over the first `span` positions under decode()'s additive mask: [B, heads * D]."""
+    batch = qkv.shape[0]
+    kv[rows, :, :, positions] = qkv[:, 1:]  # this token's K and V, one write
+    attn = F.scaled_dot_product_attention(
+        qkv[:, 0].unsqueeze(2), kv[:batch, 0, :, :span], kv[:batch, 1, :, :span], attn_mask=mask, scale=scale,
+    )
+    return attn.reshape(batch, -1)
 
 
 class KVCache:
