@@ -45,7 +45,7 @@
 # 50257: the device has no Hub; filler tokens give every id visible text), trained TRAIN_STEPS
 # steps on the shipped corpus on GPU 0 so its logits are peaked like a real model's.
 set -uo pipefail
-source .whl/install.sh
+[ -n "${SERVE_TP_WHEELS_INSTALLED:-}" ] || source .whl/install.sh  # a caller that installed them says so
 OUT=${OUT:-/tmp/out}
 export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 # NVLink multicast stays off on the shared machines (they set these; so do we).
