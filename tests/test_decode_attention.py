@@ -82,9 +82,14 @@ def test_fp32_kernel_matches_sdpa_within_rounding(rows, heads):
     assert out.shape == (len(rows), heads * 64) and out.dtype == torch.float32
     assert torch.equal(cache, reference_cache)
     assert not torch.equal(cache, kv)  # control: the step did write something
-    # at position 0 the output is V itself: every path is exact, and so must the kernel be
     control = max(_err(reference, math), _err(reference, exact), _err(math, exact))
-    assert (control == 0) == (rows == [0]) and control < 1e-5, control
+    assert control < 1e-5, control
+    if rows == [0]:
+        # the output is V itself: the kernel's softmax over one position must give it exactly
+        # (CPU's SDPA does too; CUDA's need not: its exp and division are approximate there)
+        assert _err(out, exact) == 0, _err(out, exact)
+    else:
+        assert control > 0  # the control shows what rounding does, so the bounds below mean something
     assert _err(out, exact) <= 4 * control, (_err(out, exact), control)
     assert _err(out, reference) <= 4 * control, (_err(out, reference), control)
 
