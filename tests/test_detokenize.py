@@ -68,3 +68,26 @@ def test_sequence_text_applies_vllms_stop_rules(tokenizer):
     assert ended.push(ids[:n + 1], finish="stop") == " quick"  # the stop token's text is left out
     with_it = SequenceText(tokenizer, [], stop_token_ids=[ids[n]]).push(ids[:n + 1], finish="length")
     assert with_it == tokenizer.decode(ids[:n + 1]) != " quick"
+
+
+def test_sequence_text_counts_the_same_however_tokens_are_batched(tokenizer):
+    """A stop string ends the count at the token that completed it, and min_tokens starts
+    watching at the same token, whether the engine delivered tokens one by one or several
+    to a poll (that batching is timing: async scheduling changed it and usage with it)."""
+    from serve_tp.api.detokenize import SequenceText
+
+    ids = tokenizer.encode(" quick brown fox quick brown fox").ids
+
+    def run(batch: int):
+        text = SequenceText(tokenizer, ["fox"], min_tokens=3)
+        out, chunks = "", [ids[i:i + batch] for i in range(0, len(ids), batch)]
+        for i, chunk in enumerate(chunks):
+            out += text.push(chunk, finish="length" if i == len(chunks) - 1 else None)
+            if text.stopped:
+                break
+        return out, text.produced
+
+    one_by_one = run(1)
+    assert one_by_one[0] == " quick brown " and one_by_one[1] < len(ids)  # control: the stop cut the count
+    for batch in (2, 3, 5, len(ids)):
+        assert run(batch) == one_by_one, batch

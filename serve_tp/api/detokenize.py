@@ -162,7 +162,25 @@ class SequenceText:
         return self._stops.stopped
 
     def push(self, token_ids: Sequence[int], finish: Optional[str] = None) -> str:
-        """The text these tokens release; with `finish` (the engine's reason), all that is left."""
+        """The text these tokens release; with `finish` (the engine's reason), all that is left.
+
+        Under stop strings or `min_tokens` the tokens are taken one at a time: how many of
+        them a delivery batches depends on timing (the engine's steps against the replica's
+        polls), and the count a stop string leaves in `produced` (usage's completion_tokens)
+        and where `min_tokens` starts watching must not. Tokens after a stop are not counted.
+        """
+        if self.stopped:
+            return ""
+        if len(token_ids) > 1 and (self._stops.stops or self.produced + len(token_ids) > self.min_tokens > self.produced):
+            text = ""
+            for i, token in enumerate(token_ids):
+                text += self._push((token,), finish if i == len(token_ids) - 1 else None)
+                if self.stopped:
+                    break
+            return text
+        return self._push(token_ids, finish)
+
+    def _push(self, token_ids: Sequence[int], finish: Optional[str]) -> str:
         self.produced += len(token_ids)
         if finish == "stop" and token_ids and token_ids[-1] in self.stop_token_ids:
             token_ids = token_ids[:-1]
