@@ -6,7 +6,7 @@
 #    tests/test_decode_attention.py against the compiled kernel
 # 2. gpu_profile: sdpa vs triton attention, gpt2 and gpt2-large, TP 1 and 2, batch 1 and 32,
 #    kernels per step
-# 3. the fixed serving benchmark behind HAProxy, synchronous, then with async_scheduling
+# 3. the fixed serving benchmark behind HAProxy, synchronous (async_scheduling=false), then async
 # Each part is bounded by what is left of BUDGET_S, so the call returns its files.
 set -uo pipefail
 source .whl/install.sh >/dev/null 2>&1; export SERVE_TP_WHEELS_INSTALLED=1
@@ -29,7 +29,7 @@ timeout 130 python3 scripts/gpu_profile.py --shapes gpt2,gpt2-large --tp 1,2 --b
 for mode in sync async; do
   T=$(left 10); [ "$T" -lt 60 ] && { echo "SKIP serving $mode: $T s left"; continue; }
   echo "== serving, fixed, HAProxy, $mode ($T s left)"
-  [ $mode = async ] && export ASYNC_SCHEDULING=1
+  export ASYNC_SCHEDULING=$([ $mode = async ] && echo 1 || echo 0)  # sync: files under sync_scheduling/
   OUT=$OUT timeout $T env SKIP_TESTS=1 SKIP_DTYPES=1 SKIP_ALLREDUCE=1 SKIP_PROFILE=1 SKIP_CEILING=1 SKIP_TUTORIAL=1 \
     SKIP_LAYOUT=1 SKIP_REALISTIC=1 FIXED_TARGETS=serve_tp RPC=${RPC:-4} TRAIN_STEPS=${TRAIN_STEPS:-100} \
     SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" bash scripts/gpu_session.sh 2>&1 | grep "^|\|SKIP\|rror" | tail -12

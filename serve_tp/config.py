@@ -136,13 +136,15 @@ class ServeTPConfig(BaseModel):
         "come, first served."
     )
 
-    async_scheduling: bool = Field(
-        False, description="Rank 0 plans and launches step n+1 before it reads step n's sampled "
+    async_scheduling: Optional[bool] = Field(
+        None, description="Rank 0 plans and launches step n+1 before it reads step n's sampled "
         "tokens back (vLLM's async scheduling): the decoding rows take their tokens from a device "
         "buffer that rank 0 broadcasts to the other ranks, and the host's work (waiting for the "
         "tokens, finish checks, delivery, the next plan) overlaps the device's step. Same outputs "
         "as off; a finished or cancelled row computes one extra token that is dropped, and "
-        "leaves a step later. Off until it is measured on the GPU (scripts/gpu_session.sh)."
+        "leaves a step later. None (default): on with cuda, where 2xH200 measured 1.2-1.3x the "
+        "tokens/s at 128 users and sampled batch-1 TPOT 1.3 -> 1.1 ms (BENCHMARKS.md); off on cpu, "
+        "where the ranks' compute and the host share the same cores and there is no device step to overlap."
     )
 
     stream_batching_interval_ms: float = Field(
