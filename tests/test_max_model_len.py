@@ -43,3 +43,14 @@ def test_sequences_that_fill_the_cache_exactly_finish_and_agree(short_url, serve
         body = r.json()
         assert body["usage"]["completion_tokens"] == fill
         assert body["choices"][0]["text"] == full["choices"][0]["text"]
+
+
+def test_scoring_a_prompt_that_fills_the_cache_is_400_and_the_group_serves_on(short_url):
+    """echo + max_tokens=0 still needs the slot after the prompt (the engine computes the next
+    token's logits there): a prompt of LIMIT tokens is refused, not sent to crash every rank."""
+    full = complete(short_url, prompt=[5] * LIMIT, max_tokens=0, echo=True, logprobs=1)
+    assert full.status_code == 400 and full.json()["error"]["code"] == "context_length_exceeded", full.text
+    scored = complete(short_url, prompt=[5] * (LIMIT - 1), max_tokens=0, echo=True, logprobs=1)
+    assert scored.status_code == 200, scored.text
+    assert len(scored.json()["choices"][0]["logprobs"]["tokens"]) == LIMIT - 1
+    assert complete(short_url, prompt="Hello", max_tokens=2).status_code == 200

@@ -72,12 +72,16 @@ class RequestPlanner:
         jobs = []
         for p_index, prompt in enumerate(prompts):
             text, ids = self._prompt(prompt, req.echo)
-            if len(ids) + max_tokens > self.context_length:
+            # max_tokens 0 (echo scoring) still takes one position: the engine computes the
+            # next token's logits into the cache slot after the prompt (and async scheduling
+            # may decode one step past a finish), so a prompt must leave that slot free.
+            if len(ids) + max(max_tokens, 1) > self.context_length:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {self.context_length} tokens. However, you "
                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for "
-                    f"the completion). Please reduce your prompt or max_tokens.",
+                    f"the completion{'; a prompt scored with max_tokens=0 may have at most ' + str(self.context_length - 1) + ' tokens' if max_tokens == 0 else ''}). "
+                    f"Please reduce your prompt or max_tokens.",
                     param="max_tokens", code="context_length_exceeded",
                 )
             for choice in range(req.n):
