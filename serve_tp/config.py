@@ -173,7 +173,7 @@ class ServeTPConfig(BaseModel):
         "sdpa", description="How a decode step stores this token's K/V and attends over the cache. sdpa: "
         "an index_put, then torch's scaled_dot_product_attention over the padded span with a mask. triton: "
         "one Triton kernel per layer doing both, each row reading only its own length "
-        "(serve_tp/model/decode_attention.py); cuda only, refused on cpu. Default sdpa until measured."
+        "(serve_tp/model/decode_attention.py); cuda only, refused on cpu. Default sdpa: on 2xH200 the kernel was exact and cut 17-41 kernels a step, but faster only at batch 32 and at TP=2, slower at TP=1 batch 1 (docs/gpu.md)."
     )
     sampler_graphs: bool = Field(
         True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
@@ -249,6 +249,11 @@ class ServeTPConfig(BaseModel):
             return self.served_model_name
         path = Path(self.model)
         return path.name if path.is_dir() else self.model
+
+    def resolved_async_scheduling(self, device: str) -> bool:
+        """async_scheduling as set, or by default on with cuda (a device step to overlap the
+        host's work with) and off on cpu (ranks and host share the cores)."""
+        return device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolved_dtype(self, device: str) -> str:
         """The dtype the ranks load in on `device` (resolve_dtype); ValueError if it cannot run there

@@ -55,7 +55,7 @@ class TPGroup:
             sampler_graphs=config.sampler_graphs,
             batch_wait_timeout_s=config.batch_wait_timeout_s,
             max_prefill_tokens=config.max_prefill_tokens,
-            async_scheduling=device == "cuda" if config.async_scheduling is None else config.async_scheduling,
+            async_scheduling=config.resolved_async_scheduling(device),
             prefill_share_tokens=config.prefill_share_tokens,
             collective_timeout_s=config.startup_timeout_s,
             stall_timeout_s=config.stall_timeout_s,

@@ -81,3 +81,10 @@ def test_missing_local_directory_is_named(tmp_path):
 def test_non_gpt2_models_are_refused_with_their_type():
     with pytest.raises(ModelSourceError, match="'llama'"):
         check_model_shardable({"model_type": "llama"}, 2)
+
+
+def test_async_scheduling_defaults_on_with_cuda_only_and_a_setting_wins():
+    default = ServeTPConfig()
+    assert (default.resolved_async_scheduling("cuda"), default.resolved_async_scheduling("cpu")) == (True, False)
+    assert ServeTPConfig(async_scheduling=False).resolved_async_scheduling("cuda") is False
+    assert ServeTPConfig(async_scheduling=True).resolved_async_scheduling("cpu") is True

@@ -178,7 +178,13 @@ def run_tp_script(model_dir: str, world_size: int, script: Script, device: str =
     """{rank: (results by seq_id, rank info)}; any rank's failure is raised.
 
     The ranks share this machine, so "auto" sums in shared memory where DeepSpeed can, as
-    the app does. `settings`: more RankSettings fields (gpu_all_reduce=..., compile_decode=...)."""
+    the app does. `settings`: more RankSettings fields (gpu_all_reduce=..., compile_decode=...)
+    that shape the rank's forward and batch; `play` drives its own scheduler and executor, so
+    the engine loop's settings are refused here rather than silently dropped."""
+    engine_only = {"async_scheduling", "prefill_share_tokens", "sampler_graphs"} & set(settings)
+    if engine_only:
+        raise ValueError(f"run_tp_script plays scripts without the engine loop: {sorted(engine_only)} would be "
+                         "ignored (tests/test_async_scheduling.py drives the engine over real ranks)")
     return _spawn_and_collect(_rank_main, world_size, lambda results: (
         model_dir, script, results, device, dtype, cuda_graphs, cpu_all_reduce, settings))
 

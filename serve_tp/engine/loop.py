@@ -5,7 +5,8 @@ The jobs live in their own modules: `scheduler` (rank 0's queue and plans), `exe
 (a plan on this rank's batch), `sampling` (rank 0's tokens), `output` (finish and
 delivery). This module only puts them in order and times them.
 
-Two orders for rank 0. Synchronous (the default): plan n, run it, sample, read the tokens
+Two orders for rank 0 (`async_scheduling`: async by default on cuda, synchronous on cpu).
+Synchronous: plan n, run it, sample, read the tokens
 (waiting for the device), deliver, then plan n+1. Async scheduling: plan, broadcast and
 launch step n+1 first, then read and deliver step n's tokens, so the host's work overlaps
 the device's (`_lead_async` says what changes, and why the outputs do not).

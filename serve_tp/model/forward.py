@@ -294,8 +294,11 @@ class KVCache:
 
     def move_many(self, sources: list[int], targets: list[int], length: int) -> None:
         """Copy slots `sources`' first `length` positions into slots `targets`: every source
-        is read before any target is written, so the moves may form cycles (a swap)."""
-        self.kv[:, targets, :, :, :length] = self.kv[:, sources, :, :, :length]
+        is read before any target is written, so the moves may form cycles (a swap). The slot
+        indices go up through pinned copies: indexing with host lists would make torch copy
+        them synchronously, the host waiting for the step in flight (async scheduling)."""
+        source_rows, target_rows = (upload(rows, torch.long, self.kv.device) for rows in (sources, targets))
+        self.kv[:, target_rows, :, :, :length] = self.kv[:, source_rows, :, :, :length]
 
     @property
     def nbytes(self) -> int:
