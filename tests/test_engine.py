@@ -262,3 +262,15 @@ def test_a_small_prefill_budget_gives_the_same_tokens_and_echo_scores(model_and_
             assert ours.token_id == theirs.token_id
             assert abs(ours.logprob - theirs.logprob) < 1e-4
             assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+
+
+def test_a_prompt_that_leaves_no_slot_is_refused_at_submit_and_the_engine_serves_on(engine, model_and_tokenizer):
+    """The backstop behind the API's 400: a prompt filling the whole context (echo scoring,
+    max_tokens 0) would make every rank refuse its plan; the engine refuses it alone."""
+    _, tokenizer = model_and_tokenizer
+    full = SequenceRequest("full", (5,) * engine.max_context, SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0))
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(full, Collector())
+    sink = Collector()
+    engine.submit(SequenceRequest("after", tuple(tokenizer.encode("Hi")), greedy(3)), sink)
+    assert sink.done.wait(60) and sink.finish == "length" and engine.alive

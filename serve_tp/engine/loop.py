@@ -98,6 +98,7 @@ class EngineLoop:
         self.executor = Executor(batch, keep_prompt_logits=rank == 0, share_sampled=share_sampled)
         self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens,
                                    prefill_share_tokens, async_scheduling=async_scheduling)
+        self.max_context = max_context
         self.outputs = OutputProcessor(self.scheduler, eos_token_id, max_context)
         self.sampler = sampler
         self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step
@@ -118,6 +119,14 @@ class EngineLoop:
         """Queue a sequence (rank 0 only); its outputs arrive through `sink`."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 accepts sequences")
+        # The API refuses these with a 400; this is the backstop, because every rank would
+        # refuse the plan that places such a prompt, and the whole group would fail with it.
+        # The slot after the prompt is always written (the next token's logits, and async
+        # scheduling's extra step), even with max_tokens 0.
+        needed = len(request.prompt_ids) + max(request.params.max_tokens, 1)
+        if not request.prompt_ids or needed > self.max_context:
+            raise ValueError(f"sequence {request.seq_id} needs {needed} positions of a {self.max_context}-token "
+                             f"context (a prompt of {len(request.prompt_ids)} and at least one more)")
         self.scheduler.submit(request, sink)
 
     def cancel(self, seq_id: str) -> None:
