@@ -18,7 +18,7 @@ from serve_tp.api.plan import RequestPlanner, SequenceJob
 from serve_tp.api.protocol import CompletionRequest
 from serve_tp.api.sse import DONE, CompletionChunks, event
 from serve_tp.messages import SequenceRequest
-from serve_tp.tp_group import RankFailure, TPGroup
+from serve_tp.tp_group import RankFailure, SequenceRefused, TPGroup
 
 
 @dataclass
@@ -204,4 +204,6 @@ class _Deadline:
         if isinstance(exc, RankFailure):
             raise APIError(503, f"the model group is unavailable: {exc}", code="engine_failure",
                            headers={"Retry-After": "5"}) from exc
+        if isinstance(exc, SequenceRefused):  # this sequence alone; the group serves on
+            raise APIError(500, f"rank 0 refused the sequence: {exc}", code="generation_failed") from exc
         return False

@@ -115,9 +115,35 @@ class EngineLoop:
 
     def submit(self, request: SequenceRequest, sink: Sink) -> None:
         """Queue a sequence (rank 0 only); its outputs arrive through `sink`."""
+        refused = self.submit_many([(request, sink)])
+        if refused:
+            raise ValueError(refused[request.seq_id])
+
+    def submit_many(self, arrivals: list[tuple[SequenceRequest, Sink]]) -> dict[str, str]:
+        """Queue sequences in order (rank 0 only), under one lock; returns seq_id -> why, for
+        each refused one. The replica checks these limits first: a request that reaches here
+        over them would overrun its KV cache slot, so it is refused alone, not run."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 accepts sequences")
-        self.scheduler.submit(request, sink)
+        refused, accepted = {}, []
+        for request, sink in arrivals:
+            reason = self._refusal(request)
+            if reason is None:
+                accepted.append((request, sink))
+            else:
+                refused[request.seq_id] = reason
+        if accepted:
+            self.scheduler.submit_many(accepted)
+        return refused
+
+    def _refusal(self, request: SequenceRequest) -> Optional[str]:
+        prompt = len(request.prompt_ids)
+        if prompt == 0:
+            return "empty prompt"
+        if prompt + request.params.max_tokens > self.outputs.max_context:
+            return (f"{prompt} prompt tokens + max_tokens {request.params.max_tokens} exceed the context "
+                    f"of {self.outputs.max_context}")
+        return None
 
     def cancel(self, seq_id: str) -> None:
         self.scheduler.cancel(seq_id)
