@@ -86,6 +86,7 @@ def test_one_tick_one_call_in_arrival_order_and_a_refusal_fails_only_itself(rank
 
     (a, b, c, d), lone = asyncio.run(main())
     assert rank0.batches() == [["a", "b", "c", "d"], ["e"]]
+    assert (rank0.worker.submit_calls, rank0.worker.submitted) == (2, 5)  # as /health reports them
     assert isinstance(b, SequenceRefused) and "context" in str(b)
     for name, tokens in (("a", a), ("c", c), ("d", d)):
         assert tokens == alone(model_dir, list(prompt), good[name].params.max_tokens), name

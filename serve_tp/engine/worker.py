@@ -32,6 +32,8 @@ class InferenceWorker:
         self._signalled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ready: Optional[asyncio.Event] = None
+        self.submit_calls = 0  # rank 0: `submit` calls, and the sequences they carried (batching's
+        self.submitted = 0  # effect, seen in /health: sequences_submitted / submit_calls a call)
 
     def address(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a free port on it, for the others to dial."""
@@ -72,6 +74,8 @@ class InferenceWorker:
         failing them all, as the group is down."""
         self._bind_event_loop()
         requests: list[SequenceRequest] = unpack(packed)
+        self.submit_calls += 1
+        self.submitted += len(requests)
         arrivals = [(request, partial(self._post, request.seq_id)) for request in requests]
         # A failed engine raises here, failing the whole call: the group is down (503 for all).
         return pack(self.engine.submit_many(arrivals))
@@ -135,7 +139,8 @@ class InferenceWorker:
             reason = f"no plan from rank 0 for {age:.0f}s"
         # overlapped_steps: steps whose tokens rank 0 read after sending the next plan (async scheduling)
         return {**self.info, "healthy": reason is None, "reason": reason, **engine.load(),
-                "overlapped_steps": engine.overlapped_steps}
+                "overlapped_steps": engine.overlapped_steps,
+                "submit_calls": self.submit_calls, "sequences_submitted": self.submitted}
 
     def shutdown(self) -> None:
         if self.engine is not None:
