@@ -9,6 +9,7 @@ answering `submit`/`poll` in-process: each poll gives every live sequence one to
 decode step does; HTTP, Ray's transport and the model are not in it.
 
     python -m benchmarks.bench_stream_path --users 32 --max-tokens 64 --rounds 3
+    python -m benchmarks.bench_stream_path --submit 128 --rounds 3   # N submitted at once, real Ray actor
 
 Prints CPU microseconds (process time) per request and per token for the replica part,
 and per row of a step for rank 0's part. Compare variants by ratios within one run.
@@ -64,9 +65,11 @@ class StandInRank0:
         self.submit, self.poll, self.cancel = _Remote(self._submit), _Remote(self._poll), _Remote(self._cancel)
         self.rows = 0
 
-    async def _submit(self, request) -> None:
+    async def _submit(self, request):
         request = _WIRE_UNPACK(_wire(request)) if _WIRE_PACK else _wire(request)
-        self.live[request.seq_id] = [0, request.params.max_tokens]
+        for one in request if isinstance(request, list) else [request]:  # a tick's batch (issue #10)
+            self.live[one.seq_id] = [0, one.params.max_tokens]
+        return _WIRE_PACK({}) if isinstance(request, list) else None
 
     def _cancel(self, seq_id: str) -> None:
         self.live.pop(seq_id, None)
@@ -96,6 +99,7 @@ def _service(model_dir: str, stream_interval_ms: float) -> tuple[CompletionServi
     rank0 = StandInRank0(tokenizer.get_vocab_size(), 50256)
     group.config, group.workers = config, [rank0]
     group._outboxes, group._poller, group._poll_failure = {}, None, None
+    group._unsent, group._sending = {}, set()  # this branch's; unused before it
     return CompletionService(config, tokenizer, 1024, group), rank0
 
 
@@ -167,6 +171,83 @@ def _ray_serialize(users: int) -> float:
         ray.shutdown()
 
 
+class SubmitRank0:
+    """Rank 0's `submit`/`poll`/`cancel` as a real Ray actor that runs no model: `submit`
+    takes one packed SequenceRequest (before issue #10's batching) or a packed list of them,
+    and the next `poll` finishes every sequence submitted with one token."""
+
+    def __init__(self):
+        self._new: list[str] = []
+        self._ready = None
+        self.calls = 0
+
+    async def submit(self, packed: bytes):
+        from serve_tp.messages import pack, unpack
+
+        message = unpack(packed)
+        self._new += [r.seq_id for r in message] if isinstance(message, list) else [message.seq_id]
+        self.calls += 1
+        if self._ready is not None:
+            self._ready.set()
+        return pack({}) if isinstance(message, list) else None
+
+    async def poll(self, timeout_s: float) -> bytes:
+        from serve_tp.messages import SequenceOutput, pack
+
+        if not self._new:
+            self._ready = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        done, self._new = self._new, []
+        return pack({seq_id: SequenceOutput([1000], None, None, "length") for seq_id in done})
+
+    def cancel(self, seq_id: str) -> None:
+        pass
+
+    def submit_calls(self) -> int:
+        return self.calls
+
+
+def _submission(args) -> dict:
+    """The replica's CPU per request (all its threads: Ray's too) when `submit` requests arrive
+    at once and each finishes with its first token: TPGroup.generate end to end against a real
+    rank-0 actor that runs no model, so the Ray calls are real and their count is what differs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        rank0 = ray.remote(SubmitRank0).remote()
+        group = object.__new__(TPGroup)
+        group.config, group.workers = ServeTPConfig(model=args.model), [rank0]
+        group._outboxes, group._poller, group._poll_failure = {}, None, None
+        group._unsent, group._sending = {}, set()  # this branch's; unused before it
+        params = SamplingParams(max_tokens=1, temperature=0)
+
+        async def wave(n: int, tag: str):
+            async def one(i):
+                async for _ in group.generate(SequenceRequest(f"{tag}-{i}", tuple(range(32)), params)):
+                    pass
+            await asyncio.gather(*[one(i) for i in range(n)])
+
+        async def run():
+            for w in range(3):
+                await wave(args.submit, f"warm{w}")
+            calls0 = await rank0.submit_calls.remote()
+            cpu0 = time.process_time()
+            for w in range(args.waves):
+                await wave(args.submit, f"w{w}")
+            cpu = time.process_time() - cpu0
+            calls = await rank0.submit_calls.remote() - calls0
+            requests = args.waves * args.submit
+            return {"us_per_request": 1e6 * cpu / requests, "requests_per_call": requests / max(calls, 1)}
+
+        return asyncio.run(run())
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/tmp/bench-tiny-1k", help="a model directory with tokenizer.json")
@@ -177,7 +258,17 @@ def main() -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ray", action="store_true", help="also time Ray's serializer on one poll answer (starts Ray)")
+    p.add_argument("--submit", type=int, default=0,
+                   help="instead: N requests submitted at once, each done at its first token, against a "
+                        "real Ray actor for rank 0 (starts Ray); replica CPU us a request")
+    p.add_argument("--waves", type=int, default=20, help="with --submit: how many times N arrive at once")
     args = p.parse_args()
+    if args.submit:
+        for r in range(args.rounds):
+            result = _submission(args)
+            print(f"round {r + 1}: {args.submit} at once: replica {result['us_per_request']:.0f} us/request, "
+                  f"{result['requests_per_call']:.1f} requests per submit call", flush=True)
+        return
     if args.ray:
         print(f"Ray serializes a poll answer of {args.users} rows in {_ray_serialize(args.users):.0f} us", flush=True)
     for r in range(args.rounds):

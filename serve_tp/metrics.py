@@ -8,6 +8,7 @@ Tag values are few and fixed (route names, status codes, ranks), never prompt te
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Optional
 
@@ -50,6 +51,46 @@ RANK_HEALTHY = Gauge(
     tag_keys=("model", "replica", "rank"))
 
 
+COUNTER_FLUSH_S = 1.0  # well inside Ray's export interval (10 s): a scrape sees the same totals
+
+
+class SummedCounter:
+    """A Counter whose increments are summed per tag set in this process and recorded at
+    most once per COUNTER_FLUSH_S: the replica counts every request three times (requests,
+    prompt tokens, completion tokens), each a Ray record of ~3 us on its one thread. The
+    totals are the same; they reach Ray up to a second later (outside an event loop: at once).
+    """
+
+    def __init__(self, counter: Counter):
+        self.counter = counter
+        self._sums: dict[tuple, float] = {}
+        self._flush_at: Optional[asyncio.TimerHandle] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop _flush_at is on
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        key = tuple(tags.items())
+        self._sums[key] = self._sums.get(key, 0) + value
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_at is None or loop is not self._loop:  # another loop's timer may never fire
+            self._loop, self._flush_at = loop, loop.call_later(COUNTER_FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        self._flush_at = None
+        sums, self._sums = self._sums, {}
+        for key, value in sums.items():
+            if value > 0:
+                self.counter.inc(value, dict(key))
+
+
+REQUEST_COUNT = SummedCounter(REQUESTS)
+PROMPT_TOKEN_COUNT = SummedCounter(PROMPT_TOKENS)
+COMPLETION_TOKEN_COUNT = SummedCounter(COMPLETION_TOKENS)
+
+
 def model_tags(model: str) -> dict[str, str]:
     return {"model": model}
 
@@ -81,7 +122,7 @@ class SequenceTimer:
             TIME_PER_OUTPUT_TOKEN.observe((self.last_at - self.first_at) / (self.tokens - self.first_count),
                                           self.tags)
         if self.tokens:
-            COMPLETION_TOKENS.inc(self.tokens, self.tags)
+            COMPLETION_TOKEN_COUNT.inc(self.tokens, self.tags)
 
 
 class EngineMetrics:
@@ -144,5 +185,5 @@ class RequestMetricsMiddleware:
             app = scope.get("app")
             model = getattr(getattr(app, "state", None), "served_model_name", None) or "unknown"
             route = _route(scope)
-            REQUESTS.inc(1, {"model": model, "route": route, "status": str(status)})
+            REQUEST_COUNT.inc(1, {"model": model, "route": route, "status": str(status)})
             REQUEST_LATENCY.observe(time.monotonic() - started, {"model": model, "route": route})

@@ -30,6 +30,10 @@ class RankFailure(RuntimeError):
     """A rank died, failed, or did not answer in time."""
 
 
+class SequenceRefused(RuntimeError):
+    """Rank 0 refused one sequence (the replica's checks should have caught it); the group serves on."""
+
+
 class TPGroup:
     """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
 
@@ -89,6 +93,8 @@ class TPGroup:
         self.rank_info: list[dict] = []
         self._outboxes: dict[str, Outbox] = {}  # seq_id -> its outputs, filled by the poller
         self._poller: Optional[asyncio.Task] = None
+        self._unsent: dict[str, SequenceRequest] = {}  # seq_id -> request, arrived this tick (in order)
+        self._sending: set[asyncio.Task] = set()  # submission calls in flight
         self._poll_failure: Optional[str] = None
         self.rank_healthy: list[bool] = [False] * config.tensor_parallel_size  # as of the last health()
 
@@ -113,22 +119,50 @@ class TPGroup:
         self._outboxes[seq_id] = outbox
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll_loop())
+        self._queue_submission(request)
         finished = False
         try:
-            try:
-                await self.workers[0].submit.remote(pack(request))
-            except ray.exceptions.RayError as exc:
-                raise RankFailure(f"rank 0 failed: {type(exc).__name__}") from exc
             while not finished:
                 item = await outbox.get()
                 if isinstance(item, BaseException):
+                    finished = True  # refused, or rank 0 failed: nothing of it runs there
                     raise item
                 finished = item.finish_reason is not None
                 yield item
         finally:
             self._outboxes.pop(seq_id, None)
-            if not finished:
+            # Not sent yet (it left in the tick it came): rank 0 never hears of it.
+            if self._unsent.pop(seq_id, None) is None and not finished:
                 self.cancel(seq_id)
+
+    def _queue_submission(self, request: SequenceRequest) -> None:
+        """Sequences that arrive in one event-loop tick go to rank 0 in one actor call, sent
+        at the tick's end: a lone request waits for nothing, and 128 users re-submitting at
+        once cost the replica's one thread a Ray call per tick, not per request."""
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send_submissions)
+        self._unsent[request.seq_id] = request
+
+    def _send_submissions(self) -> None:
+        if self._unsent:
+            batch, self._unsent = self._unsent, {}
+            task = asyncio.create_task(self._submit(batch))
+            self._sending.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._sending.discard)
+
+    async def _submit(self, batch: dict[str, SequenceRequest]) -> None:
+        """One call to rank 0 for `batch` (in arrival order); a refusal or a failure reaches
+        the outbox of each sequence it concerns, so one bad sequence fails only itself."""
+        try:
+            refused = unpack(await self.workers[0].submit.remote(pack(list(batch.values()))))
+            failures = {seq_id: SequenceRefused(reason) for seq_id, reason in refused.items()}
+        except ray.exceptions.RayError as exc:
+            reason = f"rank 0 failed: {type(exc).__name__}"
+            failures = {seq_id: RankFailure(reason) for seq_id in batch}
+        for seq_id, failure in failures.items():
+            outbox = self._outboxes.get(seq_id)
+            if outbox is not None:
+                outbox.put(failure)
 
     async def _poll_loop(self) -> None:
         """The replica's one reader of rank 0's outputs, fanned out to the waiting sequences."""

@@ -13,12 +13,12 @@ from serve_tp.config import ServeTPConfig
 from serve_tp.api.detokenize import SequenceText, TokenPieces
 from serve_tp.api.errors import APIError, error_body
 from serve_tp.api.logprobs import HeldLogprobs, LogprobEntry, prompt_entries, render
-from serve_tp.metrics import PROMPT_TOKENS, SequenceTimer, model_tags
+from serve_tp.metrics import PROMPT_TOKEN_COUNT, SequenceTimer, model_tags
 from serve_tp.api.plan import RequestPlanner, SequenceJob
 from serve_tp.api.protocol import CompletionRequest
 from serve_tp.api.sse import DONE, CompletionChunks, event
 from serve_tp.messages import SequenceRequest
-from serve_tp.tp_group import RankFailure, TPGroup
+from serve_tp.tp_group import RankFailure, SequenceRefused, TPGroup
 
 
 @dataclass
@@ -94,7 +94,7 @@ class CompletionService:
         return sum(len(j.prompt_ids) for j in jobs[:: req.n])
 
     def _count_prompt_tokens(self, req: CompletionRequest, jobs: list[SequenceJob]) -> None:
-        PROMPT_TOKENS.inc(self._prompt_tokens(req, jobs), self.metric_tags)
+        PROMPT_TOKEN_COUNT.inc(self._prompt_tokens(req, jobs), self.metric_tags)
 
     def _usage(self, req: CompletionRequest, jobs: list[SequenceJob], tokens: dict[int, int]) -> dict:
         prompt_tokens, completion_tokens = self._prompt_tokens(req, jobs), sum(tokens.values())
@@ -204,4 +204,6 @@ class _Deadline:
         if isinstance(exc, RankFailure):
             raise APIError(503, f"the model group is unavailable: {exc}", code="engine_failure",
                            headers={"Retry-After": "5"}) from exc
+        if isinstance(exc, SequenceRefused):  # this sequence alone; the group serves on
+            raise APIError(500, f"rank 0 refused the sequence: {exc}", code="generation_failed") from exc
         return False

@@ -117,17 +117,39 @@ class EngineLoop:
 
     def submit(self, request: SequenceRequest, sink: Sink) -> None:
         """Queue a sequence (rank 0 only); its outputs arrive through `sink`."""
+        refused = self.submit_many([(request, sink)])
+        if refused:
+            raise ValueError(refused[request.seq_id])
+
+    def submit_many(self, arrivals: list[tuple[SequenceRequest, Sink]]) -> dict[str, str]:
+        """Queue sequences in order (rank 0 only), under one lock; returns seq_id -> why, for
+        each refused one. The replica checks these limits first: a request that reaches here
+        over them would overrun its KV cache slot, so it is refused alone, not run."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 accepts sequences")
-        # The API refuses these with a 400; this is the backstop, because every rank would
-        # refuse the plan that places such a prompt, and the whole group would fail with it.
-        # The slot after the prompt is always written (the next token's logits, and async
-        # scheduling's extra step), even with max_tokens 0.
-        needed = len(request.prompt_ids) + max(request.params.max_tokens, 1)
-        if not request.prompt_ids or needed > self.max_context:
-            raise ValueError(f"sequence {request.seq_id} needs {needed} positions of a {self.max_context}-token "
-                             f"context (a prompt of {len(request.prompt_ids)} and at least one more)")
-        self.scheduler.submit(request, sink)
+        refused, accepted = {}, []
+        for request, sink in arrivals:
+            reason = self._refusal(request)
+            if reason is None:
+                accepted.append((request, sink))
+            else:
+                refused[request.seq_id] = reason
+        if accepted:
+            self.scheduler.submit_many(accepted)
+        return refused
+
+    def _refusal(self, request: SequenceRequest) -> Optional[str]:
+        """Why every rank would refuse to place this sequence (so the whole group would fail
+        with its plan), or None. The slot after the prompt is always written (the next
+        token's logits, and async scheduling's extra step), even with max_tokens 0."""
+        prompt = len(request.prompt_ids)
+        if prompt == 0:
+            return "empty prompt"
+        needed = prompt + max(request.params.max_tokens, 1)
+        if needed > self.max_context:
+            return (f"{prompt} prompt tokens + max_tokens {request.params.max_tokens} need {needed} positions "
+                    f"(at least one after the prompt) of a {self.max_context}-token context")
+        return None
 
     def cancel(self, seq_id: str) -> None:
         self.scheduler.cancel(seq_id)

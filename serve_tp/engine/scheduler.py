@@ -121,11 +121,17 @@ class Scheduler:
 
     # ---- any thread ----
     def submit(self, request: SequenceRequest, sink: Sink) -> None:
-        seed = request.params.seed if request.params.seed is not None else random_seed()
+        self.submit_many([(request, sink)])
+
+    def submit_many(self, arrivals: Seq[tuple[SequenceRequest, Sink]]) -> None:
+        """Queue sequences in the order given, under one lock (the replica sends a tick's
+        arrivals in one call); all or none: only a failed engine refuses, and it refuses all."""
+        queued = [Sequence(request, sink, request.params.seed if request.params.seed is not None else random_seed())
+                  for request, sink in arrivals]
         with self._cond:
             if self._failure is not None:
                 raise RuntimeError(f"engine failed: {self._failure}")
-            self._waiting.append(Sequence(request, sink, seed))
+            self._waiting.extend(queued)
             self._cond.notify()
 
     def cancel(self, seq_id: str) -> None:

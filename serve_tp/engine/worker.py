@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from typing import Optional
 
 from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pack, unpack
@@ -31,6 +32,8 @@ class InferenceWorker:
         self._signalled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ready: Optional[asyncio.Event] = None
+        self.submit_calls = 0  # rank 0: `submit` calls, and the sequences they carried (batching's
+        self.submitted = 0  # effect, seen in /health: sequences_submitted / submit_calls a call)
 
     def address(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a free port on it, for the others to dial."""
@@ -63,12 +66,19 @@ class InferenceWorker:
         }
         return self.info
 
-    async def submit(self, packed: bytes) -> None:
-        """Rank 0: queue one sequence (a packed SequenceRequest); its outputs come back through `poll`."""
+    async def submit(self, packed: bytes) -> bytes:
+        """Rank 0: queue sequences (a packed list of SequenceRequests, in arrival order: the
+        replica sends all that arrived in one event-loop tick in one call) under one lock.
+        Returns, packed, seq_id -> why for each sequence refused; the others' outputs come
+        back through `poll`. One refusal fails only its own sequence; a failed engine raises,
+        failing them all, as the group is down."""
         self._bind_event_loop()
-        request: SequenceRequest = unpack(packed)
-        seq_id = request.seq_id
-        self.engine.submit(request, lambda out: self._post(seq_id, out))
+        requests: list[SequenceRequest] = unpack(packed)
+        self.submit_calls += 1
+        self.submitted += len(requests)
+        arrivals = [(request, partial(self._post, request.seq_id)) for request in requests]
+        # A failed engine raises here, failing the whole call: the group is down (503 for all).
+        return pack(self.engine.submit_many(arrivals))
 
     def _bind_event_loop(self) -> None:
         """The actor's loop and the event `_post` sets from the engine thread (made on first use)."""
@@ -129,7 +139,8 @@ class InferenceWorker:
             reason = f"no plan from rank 0 for {age:.0f}s"
         # overlapped_steps: steps whose tokens rank 0 read after sending the next plan (async scheduling)
         return {**self.info, "healthy": reason is None, "reason": reason, **engine.load(),
-                "overlapped_steps": engine.overlapped_steps}
+                "overlapped_steps": engine.overlapped_steps,
+                "submit_calls": self.submit_calls, "sequences_submitted": self.submitted}
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -1,0 +1,163 @@
+"""Submissions that arrive in one event-loop tick reach rank 0 in one call (TPGroup._queue_submission).
+
+The replica side is the real TPGroup and rank 0 the real InferenceWorker with a real
+EngineLoop on the tiny model, in one process: only Ray's transport between them is left
+out (`_Remote` calls the method where Ray would send it), so what is checked is what
+each end does with a batch: its order, a refusal that fails only its own sequence, and
+a cancellation before or after the batch went out.
+"""
+
+import asyncio
+import time
+
+import pytest
+import ray
+
+from serve_tp.config import ServeTPConfig
+from serve_tp.engine.scheduler import Scheduler
+from serve_tp.engine.worker import InferenceWorker
+from serve_tp.messages import SamplingParams, SequenceRequest, pack, unpack
+from serve_tp.tp_group import RankFailure, SequenceRefused, TPGroup
+from tests.test_engine import alone, greedy, model_and_tokenizer, start_engine  # noqa: F401 (fixture)
+
+
+class _Remote:
+    """`actor.method.remote(...)` answered in this process, recording each call's arguments."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def remote(self, *args):
+        self.calls.append(args)
+        return self.fn(*args)
+
+
+class Rank0:
+    """A real InferenceWorker (rank 0 of one) behind the names TPGroup calls."""
+
+    def __init__(self, engine):
+        self.worker = InferenceWorker(0, 1, None)
+        self.worker.engine = engine
+        self.submit = _Remote(self.worker.submit)
+        self.poll = _Remote(self.worker.poll)
+        self.cancel = _Remote(self.worker.cancel)
+
+    def batches(self) -> list[list[str]]:
+        """The seq_ids of each submit call, in the order they were sent."""
+        return [[r.seq_id for r in unpack(packed)] for (packed,) in self.submit.calls]
+
+
+def group_with(rank0) -> TPGroup:
+    group = object.__new__(TPGroup)  # its methods, with rank 0 in this process
+    group.config, group.workers = ServeTPConfig(model="unused"), [rank0]
+    group._outboxes, group._poller, group._poll_failure = {}, None, None
+    group._unsent, group._sending = {}, set()
+    return group
+
+
+async def collect(group, request) -> list[int]:
+    tokens = []
+    async for out in group.generate(request):
+        tokens += out.token_ids
+    return tokens
+
+
+@pytest.fixture
+def rank0(model_and_tokenizer):  # noqa: F811
+    model_dir, tokenizer = model_and_tokenizer
+    engine = start_engine(model_dir, tokenizer.eos_token_id)
+    yield Rank0(engine)
+    engine.stop()
+
+
+def test_one_tick_one_call_in_arrival_order_and_a_refusal_fails_only_itself(rank0, model_and_tokenizer):  # noqa: F811
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+    context = rank0.worker.engine.outputs.max_context
+    good = {name: SequenceRequest(name, prompt, greedy(n)) for name, n in (("a", 6), ("c", 3), ("d", 5))}
+    too_long = SequenceRequest("b", prompt, greedy(context))  # over the context: the replica's check was skipped
+
+    async def main():
+        group = group_with(rank0)
+        runs = [asyncio.ensure_future(collect(group, r)) for r in (good["a"], too_long, good["c"], good["d"])]
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        lone = await collect(group, SequenceRequest("e", prompt, greedy(2)))  # a later tick: its own call
+        return results, lone
+
+    (a, b, c, d), lone = asyncio.run(main())
+    assert rank0.batches() == [["a", "b", "c", "d"], ["e"]]
+    assert (rank0.worker.submit_calls, rank0.worker.submitted) == (2, 5)  # as /health reports them
+    assert isinstance(b, SequenceRefused) and "context" in str(b)
+    for name, tokens in (("a", a), ("c", c), ("d", d)):
+        assert tokens == alone(model_dir, list(prompt), good[name].params.max_tokens), name
+    assert lone == alone(model_dir, list(prompt), 2)
+    assert rank0.cancel.calls == []  # every sequence finished: nothing to cancel
+
+
+def test_cancelled_before_its_tick_ends_it_is_never_sent_after_it_is_cancelled_on_rank_0(rank0, model_and_tokenizer):  # noqa: F811
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+
+    async def main():
+        group = group_with(rank0)
+        kept = asyncio.ensure_future(collect(group, SequenceRequest("kept", prompt, greedy(4))))
+        await asyncio.sleep(0)  # "kept" runs up to its first wait: queued, the tick's send scheduled
+        # "dropped" is cancelled within the same tick, as a task is: CancelledError at its wait.
+        step = group.generate(SequenceRequest("dropped", prompt, greedy(4))).__anext__()
+        step.send(None)
+        queued = list(group._unsent)
+        with pytest.raises(asyncio.CancelledError):
+            step.throw(asyncio.CancelledError())
+        long = group.generate(SequenceRequest("long", prompt, greedy(200)))
+        first = await long.__anext__()  # sent with "kept", and running on rank 0
+        await long.aclose()  # the client left mid-stream
+        return queued, await kept, first
+
+    queued, kept, first = asyncio.run(main())
+    assert queued == ["kept", "dropped"]
+    assert rank0.batches() == [["kept", "long"]]  # "dropped" never reached rank 0 ...
+    assert rank0.cancel.calls == [("long",)]  # ... so only "long" needed cancelling there
+    assert kept == alone(model_dir, list(prompt), 4) and first.token_ids
+    assert _drains(rank0.worker.engine)  # the cancelled one's slot is free again
+
+
+def _drains(engine, timeout_s=30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.load()["running"] == 0
+
+
+def test_a_failed_call_fails_every_sequence_of_its_batch():
+    class DeadRank0:
+        def __init__(self):
+            async def submit(packed):
+                raise ray.exceptions.RayActorError()
+
+            async def poll(timeout_s):
+                await asyncio.sleep(timeout_s)
+                return pack({})
+
+            self.submit, self.poll = _Remote(submit), _Remote(poll)
+            self.cancel = _Remote(lambda seq_id: None)
+
+    async def main():
+        group = group_with(DeadRank0())
+        params = SamplingParams(max_tokens=2)
+        runs = [collect(group, SequenceRequest(f"s{i}", (1, 2), params)) for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RankFailure) and "RayActorError" in str(r) for r in results), results
+
+
+def test_the_scheduler_queues_a_batch_in_its_order():
+    sched = Scheduler(lambda leaving: [], 8, 0, max_prefill_tokens=100)
+    sched.submit(SequenceRequest("first", (1, 2), SamplingParams(max_tokens=1)), lambda out: None)
+    sched.submit_many([(SequenceRequest(s, (1, 2, 3), SamplingParams(max_tokens=1)), lambda out: None)
+                       for s in ("x", "y", "z")])
+    plan, _ = sched.next_plan()
+    assert [c.seq_id for c in plan.prefill] == ["first", "x", "y", "z"]
+    sched.fail_all("boom")
+    with pytest.raises(RuntimeError, match="boom"):  # a failed engine refuses a whole batch
+        sched.submit_many([(SequenceRequest("late", (1,), SamplingParams(max_tokens=1)), lambda out: None)])
