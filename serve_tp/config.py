@@ -96,9 +96,10 @@ class ServeTPConfig(BaseModel):
     )
 
     gpu_all_reduce: GpuAllReduce = Field(
-        "nccl", description="How GPU ranks sum inside a decode step (default nccl until the symmetric-memory "
-        "path is measured inside our decode graphs on the device). auto: torch's symmetric-memory "
-        "one-shot all-reduce (peer loads over NVLink, about 7 µs against NCCL's 11-17 µs in a CUDA graph) "
+        "nccl", description="How GPU ranks sum inside a decode step (default nccl: on 2xH200 the "
+        "symmetric-memory path made the decode step 20-40% slower inside our graphs, its float32 staging "
+        "adding 4 kernels a layer; docs/gpu.md). auto: torch's symmetric-memory one-shot all-reduce "
+        "(peer loads over NVLink) "
         "when every rank is on one node and every rank can set it up, else NCCL. symm_mem: that or fail "
         "at start. nccl: always NCCL. fp16 is summed in float32 and rounded once: bitwise NCCL's sum at "
         "TP=2, within fp16 rounding above. Prefill always uses NCCL. Ignored on cpu."
@@ -167,7 +168,9 @@ class ServeTPConfig(BaseModel):
     compile_decode: bool = Field(
         False, description="torch.compile the decode step's layer norms, residual adds and bias + GELU "
         "into fused kernels between the GEMMs and all-reduces (Inductor without its own CUDA graphs; "
-        "the decode graphs capture the compiled step). Costs compile time at start. Ignored on cpu."
+        "the decode graphs capture the compiled step). Costs compile time at start (~8 s a rank). On 2xH200 "
+        "5-12% shorter TP=2 decode steps (docs/gpu.md); off by default until run under the serving app "
+        "on a GPU. Ignored on cpu."
     )
     decode_attention: DecodeAttention = Field(
         "sdpa", description="How a decode step stores this token's K/V and attends over the cache. sdpa: "
