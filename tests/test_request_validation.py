@@ -141,7 +141,10 @@ def test_logprobs_without_echo_leave_the_prompt_unscored(service):
 def test_token_id_prompt_counts_against_the_context(service):
     err = planned(service, {"prompt": [1] * 250, "max_tokens": 7})
     assert err.status == 400 and err.param == "max_tokens" and "257" in err.message
-    assert isinstance(planned(service, {"prompt": [1] * 256, "max_tokens": 0, "echo": True}), list)
+    # scoring (max_tokens 0) still needs the slot after the prompt: 255 of a 256-token context
+    assert isinstance(planned(service, {"prompt": [1] * 255, "max_tokens": 0, "echo": True}), list)
+    full = planned(service, {"prompt": [1] * 256, "max_tokens": 0, "echo": True})
+    assert full.status == 400 and full.code == "context_length_exceeded" and "255" in full.message
 
 
 def test_long_unsupported_values_are_shortened_in_the_message(service):

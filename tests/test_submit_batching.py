@@ -75,7 +75,8 @@ def test_one_tick_one_call_in_arrival_order_and_a_refusal_fails_only_itself(rank
     prompt = tuple(tokenizer.encode("Once upon a time"))
     context = rank0.worker.engine.outputs.max_context
     good = {name: SequenceRequest(name, prompt, greedy(n)) for name, n in (("a", 6), ("c", 3), ("d", 5))}
-    too_long = SequenceRequest("b", prompt, greedy(context))  # over the context: the replica's check was skipped
+    # a prompt that fills the context (no slot for the next token): the replica's check was skipped
+    too_long = SequenceRequest("b", (prompt * context)[:context], greedy(1))
 
     async def main():
         group = group_with(rank0)

@@ -141,14 +141,15 @@ class EngineLoop:
     def _refusal(self, request: SequenceRequest) -> Optional[str]:
         """Why every rank would refuse to place this sequence (so the whole group would fail
         with its plan), or None. The slot after the prompt is always written (the next
-        token's logits, and async scheduling's extra step), even with max_tokens 0."""
+        token's logits, and async scheduling's extra step), even with max_tokens 0; a
+        max_tokens past the context is not refused here: the sequence ends at the context
+        ("length"), as the API's own limit says it would."""
         prompt = len(request.prompt_ids)
         if prompt == 0:
             return "empty prompt"
-        needed = prompt + max(request.params.max_tokens, 1)
-        if needed > self.max_context:
-            return (f"{prompt} prompt tokens + max_tokens {request.params.max_tokens} need {needed} positions "
-                    f"(at least one after the prompt) of a {self.max_context}-token context")
+        if prompt >= self.max_context:
+            return (f"a prompt of {prompt} tokens leaves no position of the {self.max_context}-token context "
+                    f"for the next token")
         return None
 
     def cancel(self, seq_id: str) -> None:
