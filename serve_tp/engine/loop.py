@@ -123,8 +123,8 @@ class EngineLoop:
 
     def submit_many(self, arrivals: list[tuple[SequenceRequest, Sink]]) -> dict[str, str]:
         """Queue sequences in order (rank 0 only), under one lock; returns seq_id -> why, for
-        each refused one. The replica checks these limits first: a request that reaches here
-        over them would overrun its KV cache slot, so it is refused alone, not run."""
+        each refused one (`_refusal`). The replica checks these limits first; one that reaches
+        here past them would make every rank refuse its plan, so it is refused alone, not run."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 accepts sequences")
         refused, accepted = {}, []
