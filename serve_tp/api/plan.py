@@ -76,12 +76,13 @@ class RequestPlanner:
             # next token's logits into the cache slot after the prompt (and async scheduling
             # may decode one step past a finish), so a prompt must leave that slot free.
             if len(ids) + max(max_tokens, 1) > self.context_length:
+                scoring = (f"; a prompt scored with max_tokens=0 may have at most {self.context_length - 1} tokens"
+                           if max_tokens == 0 else "")
                 raise APIError(
                     400,
                     f"This model's maximum context length is {self.context_length} tokens. However, you "
                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for "
-                    f"the completion{'; a prompt scored with max_tokens=0 may have at most ' + str(self.context_length - 1) + ' tokens' if max_tokens == 0 else ''}). "
-                    f"Please reduce your prompt or max_tokens.",
+                    f"the completion{scoring}). Please reduce your prompt or max_tokens.",
                     param="max_tokens", code="context_length_exceeded",
                 )
             for choice in range(req.n):

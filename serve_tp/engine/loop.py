@@ -98,7 +98,6 @@ class EngineLoop:
         self.executor = Executor(batch, keep_prompt_logits=rank == 0, share_sampled=share_sampled)
         self.scheduler = Scheduler(batch.rows_after_evict, max_batch_size, batch_wait_s, max_prefill_tokens,
                                    prefill_share_tokens, async_scheduling=async_scheduling)
-        self.max_context = max_context
         self.outputs = OutputProcessor(self.scheduler, eos_token_id, max_context)
         self.sampler = sampler
         self.on_step = on_step  # rank 0's metrics: (batch size, waiting, running) after each step
@@ -114,6 +113,11 @@ class EngineLoop:
     # ---- called from the actor's threads ----
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def max_context(self) -> int:
+        """Positions a sequence may fill: the OutputProcessor's, which ends sequences there."""
+        return self.outputs.max_context
 
     def submit(self, request: SequenceRequest, sink: Sink) -> None:
         """Queue a sequence (rank 0 only); its outputs arrive through `sink`."""
