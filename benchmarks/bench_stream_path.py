@@ -127,7 +127,7 @@ async def _replica(args) -> dict:
 async def _rank0(args) -> dict:
     """Rank 0's delivery of one step of `users` rows, then a poll that takes it, pickled."""
     worker = InferenceWorker(0, 1, None)
-    worker._bind_event_loop()
+    box = worker._outbox_of("")  # the owning replica's outputs
 
     class _Finished:
         def finish(self, seq_id):
@@ -137,7 +137,7 @@ async def _rank0(args) -> dict:
     rows = [Sequence(SequenceRequest(f"cmpl-{i:032x}-0", tuple(range(32)), params), None, 0)
             for i in range(args.users)]
     for seq in rows:
-        seq.sink = (lambda sid: lambda out: worker._post(sid, out))(seq.seq_id)
+        seq.sink = (lambda sid: lambda out: worker._post(box, sid, out))(seq.seq_id)
     outputs = OutputProcessor(_Finished(), 50256, 10**9)
     tokens = list(range(1000, 1000 + len(rows)))
     steps = 400
@@ -181,7 +181,7 @@ class SubmitRank0:
         self._ready = None
         self.calls = 0
 
-    async def submit(self, packed: bytes):
+    async def submit(self, packed: bytes, client: str = ""):
         from serve_tp.messages import pack, unpack
 
         message = unpack(packed)
@@ -191,7 +191,7 @@ class SubmitRank0:
             self._ready.set()
         return pack({}) if isinstance(message, list) else None
 
-    async def poll(self, timeout_s: float) -> bytes:
+    async def poll(self, timeout_s: float, client: str = "") -> bytes:
         from serve_tp.messages import SequenceOutput, pack
 
         if not self._new:

@@ -54,6 +54,17 @@ class RankSettings:
 
 
 @dataclass(frozen=True)
+class GroupEndpoint:
+    """A started TP group, as its owner (TPGroupDeployment) hands it to the API replicas that
+    attach to it (`api_replicas`): Ray actor handles travel inside Ray's own serialization,
+    so each API replica talks to rank 0 directly, not through the owner."""
+
+    workers: tuple  # InferenceWorker actor handles, rank 0 first
+    rank_info: list  # each rank's setup answer (dicts), for /health and the startup log
+    owner: str  # the owning replica's id
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What decides one sequence's tokens and when it ends (vLLM's semantics where OpenAI is silent).
 

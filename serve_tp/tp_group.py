@@ -14,7 +14,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_tp.config import ServeTPConfig
-from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pack, unpack
+from serve_tp.messages import GroupEndpoint, RankSettings, SequenceOutput, SequenceRequest, pack, unpack
 from serve_tp.outbox import Outbox
 from serve_tp.placement import (
     rank_bundle_index, rank_resources, resolve_cpu_all_reduce, resolve_gpu_all_reduce, resolve_plan_channel,
@@ -35,14 +35,33 @@ class SequenceRefused(RuntimeError):
 
 
 class TPGroup:
-    """`tensor_parallel_size` InferenceWorker actors in this replica's placement group."""
+    """A replica's handle on `tensor_parallel_size` InferenceWorker actors: spawned in its
+    own placement group (`spawn`), or attached to a group another replica owns (`attach`)."""
 
-    def __init__(self, config: ServeTPConfig, device: str, context_length: int,
-                 sampleable_vocab: Optional[int] = None):
+    def __init__(self, config: ServeTPConfig, workers: list, *, client: str = "", owns_ranks: bool = True,
+                 rank_info: Optional[list[dict]] = None):
+        """A handle on `workers` (rank 0 first). `client` names this replica to rank 0, which
+        keeps each client's outputs apart: several API replicas may share one group
+        (`api_replicas`), each polling only its own sequences. Only the replica that spawned
+        the ranks (`owns_ranks`) kills them at shutdown."""
+        self.config = config
+        self.workers = workers
+        self.client = client
+        self.owns_ranks = owns_ranks
+        self.rank_info: list[dict] = list(rank_info or [])
+        self._outboxes: dict[str, Outbox] = {}  # seq_id -> its outputs, filled by the poller
+        self._poller: Optional[asyncio.Task] = None
+        self._unsent: dict[str, SequenceRequest] = {}  # seq_id -> request, arrived this tick (in order)
+        self._sending: set[asyncio.Task] = set()  # submission calls in flight
+        self._poll_failure: Optional[str] = None
+        self.rank_healthy: list[bool] = [False] * len(workers)  # as of the last health()
+
+    @classmethod
+    def spawn(cls, config: ServeTPConfig, device: str, context_length: int,
+              sampleable_vocab: Optional[int] = None) -> "TPGroup":
+        """Create the rank actors in the current placement group (call `start` next)."""
         from serve_tp.engine.worker import InferenceWorker
 
-        self.config = config
-        self.device = device
         placement_group = ray.util.get_current_placement_group()
         bundle_nodes = None
         if placement_group is not None:
@@ -73,7 +92,7 @@ class TPGroup:
         )
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)
-        self.workers = []
+        workers = []
         for rank in range(config.tensor_parallel_size):
             strategy = None
             if placement_group is not None:
@@ -81,7 +100,7 @@ class TPGroup:
                     placement_group=placement_group,
                     placement_group_bundle_index=rank_bundle_index(rank),
                 )
-            self.workers.append(
+            workers.append(
                 worker_cls.options(
                     name=None,
                     num_cpus=resources["CPU"],
@@ -90,13 +109,16 @@ class TPGroup:
                     max_restarts=0,  # a lost rank breaks the group: Serve replaces the replica
                 ).remote(rank, config.tensor_parallel_size, settings)
             )
-        self.rank_info: list[dict] = []
-        self._outboxes: dict[str, Outbox] = {}  # seq_id -> its outputs, filled by the poller
-        self._poller: Optional[asyncio.Task] = None
-        self._unsent: dict[str, SequenceRequest] = {}  # seq_id -> request, arrived this tick (in order)
-        self._sending: set[asyncio.Task] = set()  # submission calls in flight
-        self._poll_failure: Optional[str] = None
-        self.rank_healthy: list[bool] = [False] * config.tensor_parallel_size  # as of the last health()
+        return cls(config, workers)
+
+    @classmethod
+    def attach(cls, config: ServeTPConfig, endpoint: GroupEndpoint, client: str) -> "TPGroup":
+        """A started group that another replica owns (TPGroupDeployment), as API replica `client`."""
+        return cls(config, list(endpoint.workers), client=client, owns_ranks=False, rank_info=endpoint.rank_info)
+
+    def endpoint(self, owner: str) -> GroupEndpoint:
+        """What an API replica needs to attach to this (started) group."""
+        return GroupEndpoint(workers=tuple(self.workers), rank_info=self.rank_info, owner=owner)
 
     async def start(self) -> list[dict]:
         """Rank 0 picks an address on its node; all ranks join and load their shards."""
@@ -154,7 +176,7 @@ class TPGroup:
         """One call to rank 0 for `batch` (in arrival order); a refusal or a failure reaches
         the outbox of each sequence it concerns, so one bad sequence fails only itself."""
         try:
-            refused = unpack(await self.workers[0].submit.remote(pack(list(batch.values()))))
+            refused = unpack(await self.workers[0].submit.remote(pack(list(batch.values())), self.client))
             failures = {seq_id: SequenceRefused(reason) for seq_id, reason in refused.items()}
         except ray.exceptions.RayError as exc:
             reason = f"rank 0 failed: {type(exc).__name__}"
@@ -168,7 +190,7 @@ class TPGroup:
         """The replica's one reader of rank 0's outputs, fanned out to the waiting sequences."""
         while self._outboxes:
             try:
-                outputs = unpack(await self.workers[0].poll.remote(POLL_TIMEOUT_S))
+                outputs = unpack(await self.workers[0].poll.remote(POLL_TIMEOUT_S, self.client))
             except ray.exceptions.RayError as exc:
                 self._poll_failure = f"rank 0 failed: {type(exc).__name__}"
                 for outbox in self._outboxes.values():
@@ -216,6 +238,8 @@ class TPGroup:
         return results
 
     def shutdown(self) -> None:
+        if not self.owns_ranks:  # the group's owner kills them; this API replica only leaves
+            return
         for worker in self.workers:
             try:
                 ray.kill(worker)

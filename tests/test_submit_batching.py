@@ -44,15 +44,12 @@ class Rank0:
 
     def batches(self) -> list[list[str]]:
         """The seq_ids of each submit call, in the order they were sent."""
-        return [[r.seq_id for r in unpack(packed)] for (packed,) in self.submit.calls]
+        return [[r.seq_id for r in unpack(packed)] for (packed, *_client) in self.submit.calls]
 
 
-def group_with(rank0) -> TPGroup:
-    group = object.__new__(TPGroup)  # its methods, with rank 0 in this process
-    group.config, group.workers = ServeTPConfig(model="unused"), [rank0]
-    group._outboxes, group._poller, group._poll_failure = {}, None, None
-    group._unsent, group._sending = {}, set()
-    return group
+def group_with(rank0, client: str = "") -> TPGroup:
+    """The real TPGroup over rank 0 in this process, as the replica `client` (api_replicas)."""
+    return TPGroup(ServeTPConfig(model="unused"), [rank0], client=client)
 
 
 async def collect(group, request) -> list[int]:
@@ -132,10 +129,10 @@ def _drains(engine, timeout_s=30.0) -> bool:
 def test_a_failed_call_fails_every_sequence_of_its_batch():
     class DeadRank0:
         def __init__(self):
-            async def submit(packed):
+            async def submit(packed, client):
                 raise ray.exceptions.RayActorError()
 
-            async def poll(timeout_s):
+            async def poll(timeout_s, client):
                 await asyncio.sleep(timeout_s)
                 return pack({})
 
@@ -162,3 +159,51 @@ def test_the_scheduler_queues_a_batch_in_its_order():
     sched.fail_all("boom")
     with pytest.raises(RuntimeError, match="boom"):  # a failed engine refuses a whole batch
         sched.submit_many([(SequenceRequest("late", (1,), SamplingParams(max_tokens=1)), lambda out: None)])
+
+
+def test_two_clients_of_one_rank_0_each_get_only_their_own_sequences(rank0, model_and_tokenizer):  # noqa: F811
+    """api_replicas: two HTTP replicas share rank 0, each polling its own outbox there."""
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+    lengths = {"a1": 7, "b1": 3, "a2": 5, "b2": 9}
+
+    async def main():
+        groups = {"a": group_with(rank0, "replica-a"), "b": group_with(rank0, "replica-b")}
+        runs = {seq_id: asyncio.ensure_future(collect(groups[seq_id[0]], SequenceRequest(seq_id, prompt, greedy(n))))
+                for seq_id, n in lengths.items()}
+        return {seq_id: await run for seq_id, run in runs.items()}
+
+    tokens = asyncio.run(main())
+    assert {client for (_, client) in rank0.poll.calls} == {"replica-a", "replica-b"}
+    assert sorted(c for (_, c) in rank0.submit.calls) == ["replica-a", "replica-b"]  # one call each, one tick
+    for seq_id, n in lengths.items():  # each whole, in order: no token went to the other client
+        assert tokens[seq_id] == alone(model_dir, list(prompt), n), seq_id
+    assert set(rank0.worker._outboxes) == {"replica-a", "replica-b"}
+
+
+def test_a_client_that_stops_polling_has_its_sequences_cancelled(rank0, model_and_tokenizer, monkeypatch):  # noqa: F811
+    """An API replica that died mid-stream: rank 0 frees its slots instead of decoding to max_tokens."""
+    from serve_tp.engine import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "ABANDONED_AFTER_S", 0.05)
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+    engine = rank0.worker.engine
+    long = engine.max_context - len(prompt) - 1  # the orphan would decode to the context's end
+    cancelled = []  # (seq_id, sequences running when it was cancelled)
+    cancel = rank0.worker.cancel
+    monkeypatch.setattr(rank0.worker, "cancel",
+                        lambda seq_id: (cancelled.append((seq_id, engine.load()["running"])), cancel(seq_id)))
+
+    async def main():
+        gone = group_with(rank0, "gone")
+        await gone._submit({"orphan": SequenceRequest("orphan", prompt, greedy(long))})  # then never polls
+        deadline = time.monotonic() + 30
+        while not cancelled and time.monotonic() < deadline:
+            await rank0.worker.poll(0.01, "live")  # a live client's polls run the sweep
+        return await collect(group_with(rank0, "live"), SequenceRequest("live", prompt, greedy(3)))
+
+    live = asyncio.run(main())
+    assert cancelled == [("orphan", 1)]  # by the sweep, while it was still decoding
+    assert _drains(engine) and "gone" not in rank0.worker._outboxes
+    assert live == alone(model_dir, list(prompt), 3)  # the group serves on

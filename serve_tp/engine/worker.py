@@ -18,6 +18,21 @@ from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pac
 logger = logging.getLogger(__name__)
 
 
+# A client whose outputs wait this long unpolled is gone (a live one polls every 0.5 s).
+ABANDONED_AFTER_S = 30.0
+
+
+class ClientOutbox:
+    """One client's outputs on rank 0, filled by the engine thread, drained by its `poll`."""
+
+    def __init__(self, client: str):
+        self.client = client
+        self.outputs: dict[str, list[SequenceOutput]] = {}  # seq_id -> outputs not yet polled
+        self.signalled = False  # `ready` was set since the last drain (the engine thread sets it once)
+        self.ready = asyncio.Event()
+        self.polled_at = time.monotonic()
+
+
 class InferenceWorker:
     """Loads its shard, joins the group, and runs the engine loop on a thread."""
 
@@ -27,11 +42,12 @@ class InferenceWorker:
         self.settings = settings
         self.engine = None
         self.info: dict = {}
-        self._outbox: dict[str, list[SequenceOutput]] = {}  # seq_id -> outputs not yet polled (rank 0)
+        # rank 0: each client's outputs not yet polled, seq_id -> outputs. A client is the
+        # replica that submitted the sequence ("" for the one that owns the group; each API
+        # replica under api_replicas): each polls its own, so none pays for another's tokens.
+        self._outboxes: dict[str, ClientOutbox] = {}
         self._outbox_lock = threading.Lock()
-        self._signalled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._ready: Optional[asyncio.Event] = None
         self.submit_calls = 0  # rank 0: `submit` calls, and the sequences they carried (batching's
         self.submitted = 0  # effect, seen in /health: sequences_submitted / submit_calls a call)
 
@@ -66,56 +82,79 @@ class InferenceWorker:
         }
         return self.info
 
-    async def submit(self, packed: bytes) -> bytes:
+    async def submit(self, packed: bytes, client: str = "") -> bytes:
         """Rank 0: queue sequences (a packed list of SequenceRequests, in arrival order: the
         replica sends all that arrived in one event-loop tick in one call) under one lock.
         Returns, packed, seq_id -> why for each sequence refused; the others' outputs come
-        back through `poll`. One refusal fails only its own sequence; a failed engine raises,
-        failing them all, as the group is down."""
-        self._bind_event_loop()
+        back through `client`'s `poll`. One refusal fails only its own sequence; a failed
+        engine raises, failing them all, as the group is down."""
         requests: list[SequenceRequest] = unpack(packed)
         self.submit_calls += 1
         self.submitted += len(requests)
-        arrivals = [(request, partial(self._post, request.seq_id)) for request in requests]
+        box = self._outbox_of(client)
+        arrivals = [(request, partial(self._post, box, request.seq_id)) for request in requests]
         # A failed engine raises here, failing the whole call: the group is down (503 for all).
         return pack(self.engine.submit_many(arrivals))
 
-    def _bind_event_loop(self) -> None:
-        """The actor's loop and the event `_post` sets from the engine thread (made on first use)."""
-        if self._ready is None:
-            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+    def _outbox_of(self, client: str) -> "ClientOutbox":
+        """`client`'s outbox, made on its first call (on the actor's event loop)."""
+        box = self._outboxes.get(client)
+        if box is None:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            box = self._outboxes[client] = ClientOutbox(client)
+        return box
 
-    def _post(self, seq_id: str, out: SequenceOutput) -> None:
-        """Engine thread: file a sequence's output; wake `poll` once per burst, not per token."""
+    def _post(self, box: "ClientOutbox", seq_id: str, out: SequenceOutput) -> None:
+        """Engine thread: file a sequence's output; wake its client's `poll` once per burst,
+        not per token."""
         with self._outbox_lock:
-            self._outbox.setdefault(seq_id, []).append(out)
-            if self._signalled:
+            box.outputs.setdefault(seq_id, []).append(out)
+            if box.signalled:
                 return
-            self._signalled = True
-        self._loop.call_soon_threadsafe(self._ready.set)
+            box.signalled = True
+        self._loop.call_soon_threadsafe(box.ready.set)
 
-    async def poll(self, timeout_s: float) -> bytes:
-        """Rank 0: every sequence's new tokens since the last poll, waiting up to `timeout_s`,
-        as a packed dict seq_id -> SequenceOutput (serve_tp.messages.pack).
+    async def poll(self, timeout_s: float, client: str = "") -> bytes:
+        """Rank 0: every new output of `client`'s sequences since its last poll, waiting up
+        to `timeout_s`, as a packed dict seq_id -> SequenceOutput (serve_tp.messages.pack).
 
         One call carries the whole batch's step (or several steps), so streaming costs one
         Ray round trip per step instead of one per token per sequence.
         """
-        self._bind_event_loop()
+        box = self._outbox_of(client)
+        box.polled_at = time.monotonic()
+        self._drop_abandoned()
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
+            await asyncio.wait_for(box.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
             return pack({})
+        box.polled_at = time.monotonic()
         with self._outbox_lock:
-            box, self._outbox, self._signalled = self._outbox, {}, False
-            self._ready.clear()
+            taken, box.outputs, box.signalled = box.outputs, {}, False
+            box.ready.clear()
         merged = {}
-        for seq_id, outs in box.items():
+        for seq_id, outs in taken.items():
             out = outs[0]
             for later in outs[1:]:
                 out = out.merge(later)
             merged[seq_id] = out
         return pack(merged)
+
+    def _drop_abandoned(self) -> None:
+        """Cancel the sequences of a client that has stopped polling (its API replica died
+        or was replaced): they would run to max_tokens for no one, and their outputs pile up.
+        A live client with sequences in flight polls at least every POLL_TIMEOUT_S."""
+        now = time.monotonic()
+        for client, box in list(self._outboxes.items()):
+            if box.outputs and now - box.polled_at > ABANDONED_AFTER_S:
+                with self._outbox_lock:
+                    seq_ids, box.outputs, box.signalled = list(box.outputs), {}, False
+                logger.warning("client %r has not polled for %.0f s: cancelling its %d sequences",
+                               client, now - box.polled_at, len(seq_ids))
+                for seq_id in seq_ids:
+                    self.cancel(seq_id)
+                del self._outboxes[client]
 
     def cancel(self, seq_id: str) -> None:
         if self.engine is not None:
