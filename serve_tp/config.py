@@ -115,6 +115,15 @@ class ServeTPConfig(BaseModel):
     autoscaling_config: Optional[AutoscalingSettings] = Field(
         None, description="If set, replaces num_replicas."
     )
+    api_replicas: int = Field(
+        1, ge=1, le=64, description="HTTP replicas per TP group (vLLM's --api-server-count). 1 (default): "
+        "one replica serves HTTP and owns its group. N > 1: each group is owned by a TPGroupDeployment "
+        "replica and N InferenceDeployment replicas serve HTTP for it, each submitting to and polling rank 0 "
+        "directly, so parsing, tokenizing, detokenizing and streaming run on N event loops, not one: "
+        "a burst of arrivals waits for one replica's share of it. max_ongoing_requests and "
+        "max_queued_requests stay the group's, split between its API replicas. Needs num_replicas "
+        "(not autoscaling_config)."
+    )
 
     # --- batching ---
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together.")
@@ -244,6 +253,22 @@ class ServeTPConfig(BaseModel):
             raise ValueError("cpu_all_reduce shm needs every rank on one node, and placement_strategy "
                              "STRICT_SPREAD puts each rank on its own: use auto or gloo")
         return self
+
+    @model_validator(mode="after")
+    def _api_replicas_fixed(self) -> "ServeTPConfig":
+        if self.api_replicas > 1 and self.autoscaling_config is not None:
+            raise ValueError("api_replicas > 1 needs a fixed num_replicas: each group's API replicas are "
+                             "num_replicas x api_replicas, which autoscaling_config cannot follow")
+        return self
+
+    def api_replica_limits(self) -> tuple[int, int]:
+        """(requests running, requests waiting; -1: unbounded) of one HTTP replica: the group's
+        max_ongoing_requests and max_queued_requests split between its api_replicas."""
+        running = -(-self.max_ongoing_requests // self.api_replicas)
+        waiting = self.max_queued_requests
+        if waiting > 0:
+            waiting = -(-waiting // self.api_replicas)
+        return running, waiting
 
     @property
     def model_name(self) -> str:

@@ -79,4 +79,6 @@ class Admission:
             await body.aclose()  # a client that left frees its batch slots now, not at GC
 
     def load(self) -> dict:
-        return {"running": self.running, "waiting": self.waiting, "refused": self.refused}
+        """Now, and the limits (this replica's share of its group's, under api_replicas)."""
+        return {"running": self.running, "waiting": self.waiting, "refused": self.refused,
+                "max_running": self.max_running, "max_waiting": self.max_waiting}

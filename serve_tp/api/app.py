@@ -18,6 +18,7 @@ from serve_tp.api.auth import api_key_digest
 from serve_tp.cluster_fit import PlacementError, check_cluster_fits, observe_cluster
 from serve_tp.config import ServeTPConfig
 from serve_tp.api.deployment import InferenceDeployment
+from serve_tp.api.group_deployment import TPGroupDeployment
 from serve_tp.placement import deployment_placement
 
 logger = logging.getLogger(__name__)
@@ -65,29 +66,47 @@ def backpressure_options(config: ServeTPConfig) -> dict:
     requests it is still assigning, so a burst far larger than that queue is partly
     refused there even when the replica has room.
     """
-    if config.max_queued_requests < 0:  # unbounded: Serve's router holds the queue
-        return {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": -1}
+    running, waiting = config.api_replica_limits()  # one HTTP replica's share of its group's
+    if waiting < 0:  # unbounded: Serve's router holds the queue
+        return {"max_ongoing_requests": running, "max_queued_requests": -1}
     return {
-        "max_ongoing_requests": serve_routing_limit(config.max_ongoing_requests, config.max_queued_requests),
-        "max_queued_requests": config.max_queued_requests,
+        "max_ongoing_requests": serve_routing_limit(running, waiting),
+        "max_queued_requests": waiting,
         "backpressure_config": BackpressureConfig(
             status_code=config.overload_status_code, retry_after_s=config.overload_retry_after_s),
     }
 
 
+def _health_options(config: ServeTPConfig) -> dict:
+    return dict(health_check_period_s=config.health_check_period_s,
+                health_check_timeout_s=config.health_check_timeout_s, graceful_shutdown_timeout_s=30)
+
+
 def deployment_options(config: ServeTPConfig, device: str) -> dict:
+    """The options of the deployment that owns the TP groups: InferenceDeployment, or with
+    api_replicas > 1 TPGroupDeployment (its callers are the API replicas' `attach` alone)."""
     options = deployment_placement(config, device)
-    options.update(backpressure_options(config))
-    options.update(
-        health_check_period_s=config.health_check_period_s,
-        health_check_timeout_s=config.health_check_timeout_s,
-        graceful_shutdown_timeout_s=30,
-    )
+    options.update(_health_options(config))
+    if config.api_replicas > 1:
+        options["max_ongoing_requests"] = 4 * config.api_replicas  # attach calls, once per API replica start
+    else:
+        options.update(backpressure_options(config))
     if config.autoscaling_config is not None:
         options["autoscaling_config"] = config.autoscaling_config.model_dump()
     else:
         options["num_replicas"] = config.num_replicas
     return options
+
+
+def api_deployment_options(config: ServeTPConfig) -> dict:
+    """The HTTP replicas of api_replicas > 1: api_replicas per group, each a CPU and no GPU,
+    placed anywhere (they reach rank 0 over Ray), each admitting its share of the group's limits."""
+    return {
+        "num_replicas": config.num_replicas * config.api_replicas,
+        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        **backpressure_options(config),
+        **_health_options(config),
+    }
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -104,6 +123,9 @@ def build_app(args: dict[str, Any]) -> Application:
         except PlacementError as exc:
             raise ConfigError(str(exc)) from None
     logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
-    return InferenceDeployment.options(**options).bind(
-        config.model_dump(mode="json"), device, api_key_digest()
-    )
+    settings = config.model_dump(mode="json")
+    if config.api_replicas == 1:
+        return InferenceDeployment.options(**options).bind(settings, device, api_key_digest())
+    groups = TPGroupDeployment.options(**options).bind(settings, device)
+    return InferenceDeployment.options(**api_deployment_options(config)).bind(
+        settings, device, api_key_digest(), groups)

@@ -1,4 +1,5 @@
-"""InferenceDeployment: one Serve replica = one HTTP front + one TP group of ranks."""
+"""InferenceDeployment: the HTTP replica, owning one TP group of ranks or (api_replicas > 1)
+attached to one that a TPGroupDeployment replica owns."""
 
 
 import json
@@ -15,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serve_tp.api.admission import Admission
 from serve_tp.api.auth import authorized
@@ -99,44 +101,63 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def load_tokenizer_and_context(config: ServeTPConfig):
+    """(the fast tokenizer, the context length): what every replica of a group reads from the
+    checkpoint before it spawns or attaches to ranks. Raises on a checkpoint we cannot serve."""
+    from tokenizers import Tokenizer
+
+    model_dir = resolve_model_dir(config.model, config.hf_revision)
+    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
+    model_config = read_model_config(Path(model_dir))
+    check_model_shardable(model_config, config.tensor_parallel_size)
+    return Tokenizer.from_file(str(tokenizer_file)), context_length(model_config, config.max_model_len)
+
+
+def placement_record(config: ServeTPConfig, device: str) -> dict:
+    """The startup log's placement: strategy, bundles, and the group Serve reserved."""
+    placement_group = ray.util.get_current_placement_group()
+    return {"strategy": config.placement_strategy, "bundles": replica_bundles(config, device),
+            "placement_group_id": placement_group.id.hex() if placement_group else None}
+
+
 @serve.deployment
 @serve.ingress(api)
 class InferenceDeployment:
-    async def __init__(self, config: dict, device: str, api_key_digest: Optional[str] = None):
-        from tokenizers import Tokenizer
+    """The HTTP replica. With no `group_owner` (api_replicas 1) it spawns and owns its TP
+    group; with one (a handle on TPGroupDeployment) it attaches to a group that replica owns,
+    as one of its api_replicas HTTP replicas."""
 
+    async def __init__(self, config: dict, device: str, api_key_digest: Optional[str] = None,
+                       group_owner: Optional[DeploymentHandle] = None):
         self.config = ServeTPConfig.model_validate(config)
         self.device = device
         self.api_key_digest = api_key_digest
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         api.state.served_model_name = self.config.model_name  # the request metrics' model tag
         started = time.monotonic()
-        model_dir = resolve_model_dir(self.config.model, self.config.hf_revision)
-        tokenizer_file = Path(model_dir) / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        model_config = read_model_config(Path(model_dir))
-        check_model_shardable(model_config, self.config.tensor_parallel_size)
-        self.context_length = context_length(model_config, self.config.max_model_len)
-        self.group = TPGroup(self.config, device, self.context_length,
-                             sampleable_vocab=self.tokenizer.get_vocab_size(with_added_tokens=True))
+        self.tokenizer, self.context_length = load_tokenizer_and_context(self.config)
+        if group_owner is None:
+            self.group = TPGroup.spawn(self.config, device, self.context_length,
+                                       sampleable_vocab=self.tokenizer.get_vocab_size(with_added_tokens=True))
+            ranks, owner = await self.group.start(), self.replica_id
+        else:
+            endpoint = await group_owner.attach.remote()
+            self.group = TPGroup.attach(self.config, endpoint, client=self.replica_id)
+            ranks, owner = endpoint.rank_info, endpoint.owner
+        self.group_owner = owner  # the replica whose TP group serves this one (itself, or a TPGroupDeployment)
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
-        self.admission = Admission(self.config.max_ongoing_requests, self.config.max_queued_requests,
-                                   self.config.overload_status_code, self.config.overload_retry_after_s)
+        max_running, max_waiting = self.config.api_replica_limits()
+        self.admission = Admission(max_running, max_waiting, self.config.overload_status_code,
+                                   self.config.overload_retry_after_s)
         self.created = int(time.time())
-        ranks = await self.group.start()
-        placement_group = ray.util.get_current_placement_group()
         logger.info(json.dumps({
             "event": "replica_started", "model": self.config.model, "served_as": self.config.model_name,
-            "replica": self.replica_id, "node_id": ray.get_runtime_context().get_node_id(),
+            "replica": self.replica_id, "group_owner": owner, "node_id": ray.get_runtime_context().get_node_id(),
             "device": self.device, "dtype": self.config.resolved_dtype(self.device),
-            "tensor_parallel_size": self.config.tensor_parallel_size,
-            "placement": {
-                "strategy": self.config.placement_strategy,
-                "bundles": replica_bundles(self.config, self.device),
-                "placement_group_id": placement_group.id.hex() if placement_group else None,
-            },
+            "tensor_parallel_size": self.config.tensor_parallel_size, "api_replicas": self.config.api_replicas,
+            "placement": placement_record(self.config, device) if group_owner is None else None,
             "ranks": [{**info, "bundle_index": rank_bundle_index(info["rank"])} for info in ranks],
             "settings": self.config.model_dump(mode="json"),  # holds no secret: the API key is not in it
             "startup_s": round(time.monotonic() - started, 1),
@@ -215,5 +236,5 @@ class InferenceDeployment:
 
     def identity(self) -> dict:
         """Which replica answered, and proof that its process kept torch out (see .importlinter)."""
-        return {"id": self.replica_id, "pid": os.getpid(),
+        return {"id": self.replica_id, "pid": os.getpid(), "group_owner": self.group_owner,
                 "torch_imported": "torch" in sys.modules, "deepspeed_imported": "deepspeed" in sys.modules}
