@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from serve_tp.model.epilogue import bias_tanh_gelu
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,10 +44,16 @@ def attention_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias
     return h, torch.addmm(bias, x, weight)
 
 
-def mlp_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias, approximate: str):
-    """(residual, activations): the attention sum added, layer norm, c_fc GEMM, bias + GELU."""
+def mlp_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias, approximate: str,
+              epilogue: bool = False):
+    """(residual, activations): the attention sum added, layer norm, c_fc GEMM, bias + GELU.
+
+    `epilogue` (tanh GELU only): the GEMM, bias and GELU as one cuBLASLt call where ATen takes
+    its epilogue (epilogue.py); Inductor runs aten._addmm_activation as an extern kernel."""
     h = _with_sum(h, partial_sum)
     x = F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
+    if epilogue and approximate == "tanh":
+        return h, bias_tanh_gelu(bias, x, weight)
     return h, F.gelu(torch.addmm(bias, x, weight), approximate=approximate)
 
 

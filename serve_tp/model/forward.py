@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from serve_tp.model.epilogue import TANH_GELU, bias_tanh_gelu
 from serve_tp.model.host_copy import upload, upload_tensor
 from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 
@@ -63,7 +64,7 @@ class GPT2Forward:
 
     def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
                  decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False,
-                 decode_attention: str = "sdpa"):
+                 decode_attention: str = "sdpa", mlp_epilogue: bool = True):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -80,6 +81,9 @@ class GPT2Forward:
         self.ln_f = shard.ln_f
         self.lm_head = shard.vocab_projection
         self.act = _activation(shard.config.activation_function)
+        # c_fc's bias + tanh GELU in cuBLASLt's GEMM epilogue where it takes it (epilogue.py);
+        # off, or another activation: addmm, then the activation
+        self.mlp_epilogue = mlp_epilogue and shard.config.activation_function in TANH_GELU
         self.device, self.dtype = shard.device, shard.dtype
         self.blocks: list[BlockShard] = list(shard.blocks)
         self.scales = attention_scales(shard.config, self.num_layers, self.head_dim)
@@ -133,7 +137,10 @@ class GPT2Forward:
         return torch.mm(x, linear.weight, out=out)
 
     def _mlp(self, block: BlockShard, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
+        if self.mlp_epilogue:
+            x = bias_tanh_gelu(block.c_fc.bias, block.ln_2(h), block.c_fc.weight)
+        else:
+            x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
         return h + self._row_parallel(x, block.mlp_proj, decode)
 
     def _qkv(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
@@ -248,7 +255,7 @@ class GPT2Forward:
             total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False)
             batch_dynamic(h, total)
             h, x = pieces.mlp_input(h, total, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
-                                    block.c_fc.weight, block.c_fc.bias, self.gelu)
+                                    block.c_fc.weight, block.c_fc.bias, self.gelu, self.mlp_epilogue)
             total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False)
         batch_dynamic(h, total)
         return F.linear(pieces.final_norm(h, total, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.lm_head)
