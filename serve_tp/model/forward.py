@@ -224,9 +224,9 @@ class GPT2Forward:
         rows = mask = None  # the Triton kernel needs neither: each row stops at its own position
         if self.decode_attention == "sdpa":
             rows, mask = sdpa_decode_mask(positions, span, self.dtype)
-        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         if self.compiled is not None:
-            return self._decode_compiled(cache, h, rows, positions, mask, span)
+            return self._decode_compiled(cache, tokens, rows, positions, mask, span)
+        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer, block in enumerate(self.blocks):
             attn = self._attend(cache, layer, self._qkv(block, h), rows, positions, mask, span)
             h = h + self._row_parallel(attn, block.attn_proj, decode=True)
@@ -239,17 +239,23 @@ class GPT2Forward:
             return self._attention_kernel(qkv, cache.kv[layer], positions, span, self.scales[layer])
         return sdpa_decode_attention(qkv, cache.kv[layer], rows, positions, mask, span, self.scales[layer])
 
-    def _decode_compiled(self, cache: "KVCache", h, rows, positions, mask, span: int) -> torch.Tensor:
+    def _decode_compiled(self, cache: "KVCache", tokens, rows, positions, mask, span: int) -> torch.Tensor:
         """decode() with the pieces between GEMMs and all-reduces compiled (compiled.py).
 
-        Each sum is handed on un-cast and added to the residual inside the next piece."""
+        The embeddings are gathered inside the first piece; each sum is handed on un-cast and
+        added to the residual inside the next piece."""
         from serve_tp.model.compiled import batch_dynamic
 
-        pieces, batch, total = self.compiled, h.shape[0], None
+        pieces, batch, total = self.compiled, tokens.shape[0], None
         for layer, block in enumerate(self.blocks):
-            batch_dynamic(h, total)
-            h, qkv = pieces.attention_input(h, total, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps,
-                                            block.c_attn.weight, block.c_attn.bias)
+            ln, fused = block.ln_1, block.c_attn
+            if layer == 0:
+                batch_dynamic(tokens, positions)
+                h, qkv = pieces.embedded_attention_input(tokens, positions, self.wte, self.wpe, ln.weight, ln.bias,
+                                                         ln.eps, fused.weight, fused.bias)
+            else:
+                batch_dynamic(h, total)
+                h, qkv = pieces.attention_input(h, total, ln.weight, ln.bias, ln.eps, fused.weight, fused.bias)
             attn = self._attend(cache, layer, qkv.view(batch, 3, self.num_heads, self.head_dim), rows, positions,
                                 mask, span)
             total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False)
