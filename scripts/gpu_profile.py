@@ -3,6 +3,8 @@
     python scripts/gpu_profile.py --model DIR [--tp 2] [--batches 1,32,128]
     python scripts/gpu_profile.py --shapes gpt2,gpt2-medium,gpt2-large,gpt2-xl --tp 1,2 \\
         --batches 1,32,128 --json docs/results/h100x2/profile.jsonl
+    python scripts/gpu_profile.py --shapes gpt2 --tp 1 --batches 1,32 --compile off,on \\
+        --attention sdpa,triton --mlp-epilogue off,on --kernels --steps 50
 
 Each rank (one process per GPU, NCCL) admits `batch` prompts of 32 tokens (`--prompt-tokens`), then times
 `steps` decode steps of the engine's SequenceBatch, synchronising the GPU after each, with
@@ -17,17 +19,22 @@ ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`
 torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
 (compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
 `--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
-layer, serve_tp/model/decode_attention.py), so their rows share GPUs and warm-up. The eager
-pass also counts the kernels one step launches (torch.profiler): the count a graph replays,
-which sets a small step's time. A shape whose split the sharding refuses is skipped with the
-refusal, and so is a run whose ranks fail (out of memory...): the other runs go on. `--json`
+layer, serve_tp/model/decode_attention.py) x `--mlp-epilogue` (off / on: the c_fc GEMM with
+its bias + tanh GELU in cuBLASLt's epilogue where ATen takes it, serve_tp/model/epilogue.py),
+so their rows share GPUs and warm-up. The eager pass also counts the kernels one step
+launches (torch.profiler): the count a graph replays, which sets a small step's time.
+`--kernels` lists them: for every row, the kernels of one graph-replayed step by name with
+their counts (and per layer), what is left to fuse. A shape whose split the sharding refuses
+is skipped with the refusal, and so is a run whose ranks fail (out of memory...): the other runs go on. `--json`
 appends one JSON line per (shape, TP, variant, batch): {model, layers, heads, embd, tp,
-dtype, batch, decode_all_reduce, compile, attention, graph_ms, eager_ms, kernels_per_step,
-capture_s (compile included), ...}, with `skipped` holding the reason when there are no
-timings. The summary ends with TP=2 / TP=1.
+dtype, batch, decode_all_reduce, compile, attention, mlp_epilogue, graph_ms, eager_ms,
+kernels_per_step, capture_s (compile included), ...; with --kernels also graph_kernels_per_step
+and kernels: [[name, count], ...] of the graph-replayed step}, with `skipped` holding the reason
+when there are no timings. The summary ends with TP=2 / TP=1.
 """
 
 import argparse
+import collections
 import datetime
 import gc
 import json
@@ -63,14 +70,17 @@ def _time(fn, steps):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens):
+def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens,
+              list_kernels=False):
     try:
-        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens)
+        _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens,
+                   list_kernels)
     except BaseException:  # the parent must hear of it, not wait for a result that never comes
         out.put(("error", rank, traceback.format_exc()))
 
 
-def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens):
+def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens,
+               list_kernels):
     from serve_tp.engine import rank_setup
     from serve_tp.messages import RankSettings
     from serve_tp.model.forward import GPT2Forward
@@ -90,16 +100,16 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
     gc.collect()
     results = {"paths": {}}
     for variant in variants:
-        path, compiled, attention = variant
+        path, compiled, attention, epilogue = variant
         if path == "symm_mem" and fast is None:
             results["paths"][variant] = f"skipped: {ready.decode_all_reduce}"
             continue
         forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=fast if path == "symm_mem" else None,
-                              compile_decode=compiled, decode_attention=attention)
+                              compile_decode=compiled, decode_attention=attention, mlp_epilogue=epilogue)
         label = (fast.description if path == "symm_mem" else comm.all_reduce_kind) if world > 1 else "none"
         results["paths"][variant] = label
         for graphs in (True, False):
-            _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens)
+            _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens, list_kernels)
             # The KV cache of the largest shapes takes half the GPU: one pass's is freed
             # (its batch went out of scope) before the next allocates its own.
             gc.collect()
@@ -113,7 +123,7 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
         out.put(("ok", rank, results))
 
 
-def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, prompt_tokens):
+def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, prompt_tokens, list_kernels):
     from serve_tp.engine.batch import SequenceBatch
 
     batch = SequenceBatch(forward, max(batches), n_positions, cuda_graphs=graphs)
@@ -131,12 +141,14 @@ def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, p
         tokens = [5] * size
         results[(variant, graphs, size)] = _time(lambda: batch.decode(tokens), steps)
         if not graphs:  # what a graph replays: the eager step's kernels (all-reduces included)
-            results[(variant, "kernels", size)] = _kernels_per_step(lambda: batch.decode(tokens))
+            results[(variant, "kernels", size)] = sum(_step_kernels(lambda: batch.decode(tokens)).values())
+        elif list_kernels:  # the replayed graph's own kernels, by name (CUPTI reports each one)
+            results[(variant, "kernel_names", size)] = _step_kernels(lambda: batch.decode(tokens)).most_common()
         batch.evict(ids)
 
 
-def _kernels_per_step(step) -> int:
-    """GPU kernels (and memcpy/memset) one eager decode step launches, from torch.profiler."""
+def _step_kernels(step) -> "collections.Counter[str]":
+    """GPU kernels (and memcpy/memset) one decode step runs, by name, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -144,7 +156,19 @@ def _kernels_per_step(step) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return collections.Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def kernel_listing(row) -> str:
+    """One row's graph-replayed step: its kernels by name, most frequent first, with counts per
+    layer (12 per step in a 12-layer model: once per layer)."""
+    names = row.get("kernels") or []
+    head = (f"{row['model']} TP={row['tp']} batch {row['batch']} compile={compile_label(row['compile'])} "
+            f"attention={row.get('attention', 'sdpa')} mlp_epilogue={'on' if row.get('mlp_epilogue') else 'off'}: "
+            f"{row.get('graph_kernels_per_step')} kernels per graph-replayed step "
+            f"({row.get('kernels_per_step')} eager), {row['layers']} layers")
+    lines = [f"  {count:5d}  {count / row['layers']:5.2f}/layer  {name[:160]}" for name, count in names]
+    return "\n".join([head] + (lines or ["  (the profiler saw no kernels in the replayed graph)"]))
 
 
 RANDOM_MARK = "random_weights"
@@ -172,7 +196,7 @@ def random_shard(model_dir: str, dtype_name: str, device, rank: int, world_size:
     return shard
 
 
-def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context, prompt_tokens):
+def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context, prompt_tokens, list_kernels=False):
     """Rank 0's timings, or raise with the first rank's traceback (or a timeout)."""
     from serve_tp.engine.distributed import free_port
 
@@ -180,7 +204,7 @@ def run_ranks(model_dir, tp, dtype, batches, steps, timeout_s, variants, context
     out = ctx.Queue()
     port = free_port("127.0.0.1")
     procs = [ctx.Process(target=rank_main, args=(r, tp, port, model_dir, dtype, batches, steps, out, variants, context,
-                                                      prompt_tokens))
+                                                      prompt_tokens, list_kernels))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -262,6 +286,11 @@ def main():
                              "(near --context: the long spans where attention's cost shows)")
     parser.add_argument("--attention", default="sdpa",
                         help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), comma-separated")
+    parser.add_argument("--mlp-epilogue", default="on",
+                        help="GPT2Forward's mlp_epilogue: off (addmm, then GELU), on (bias + tanh GELU in the c_fc "
+                             "GEMM's cuBLASLt epilogue where ATen takes it), comma-separated")
+    parser.add_argument("--kernels", action="store_true",
+                        help="list each row's graph-replayed step kernels by name with counts (and in --json)")
     parser.add_argument("--run-timeout-s", type=float, default=400, help="per (shape, TP) run")
     parser.add_argument("--time-limit-s", type=float, default=None, help="no (shape, TP) run starts after this")
     parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
@@ -275,6 +304,10 @@ def main():
     unknown = [a for a in attentions if a not in ("sdpa", "triton")]
     if unknown:
         parser.error(f"unknown --attention {unknown}; choose from sdpa, triton")
+    unknown = [e for e in args.mlp_epilogue.split(",") if e not in ON_OFF]
+    if unknown:
+        parser.error(f"unknown --mlp-epilogue {unknown}; choose from off, on")
+    epilogues = [ON_OFF[e] for e in args.mlp_epilogue.split(",")]
     if args.shapes:
         unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
         if unknown:
@@ -293,7 +326,7 @@ def main():
                          f"{context} cached positions of {name}")
         for tp in tps:
             paths = args.all_reduce.split(",") if tp > 1 else ["nccl"]
-            variants = [(p, c, a) for p in paths for c in compiles for a in attentions]
+            variants = [(p, c, a, e) for p in paths for c in compiles for a in attentions for e in epilogues]
             base = {"model": name, "layers": layers, "heads": heads, "embd": embd, "tp": tp, "context": context,
                     "prompt_tokens": args.prompt_tokens,
                     **common}
@@ -307,15 +340,15 @@ def main():
                 t = time.monotonic()
                 try:
                     results = run_ranks(model_dir, tp, args.dtype, batches, args.steps, args.run_timeout_s,
-                                        variants, context, args.prompt_tokens)
+                                        variants, context, args.prompt_tokens, args.kernels)
                 except RuntimeError as exc:
                     skipped = str(exc).strip().splitlines()[-1]
                     print(f"{name} TP={tp} failed:\n{exc}", flush=True)
                 base["run_s"] = round(time.monotonic() - t, 1)
             rows = []
             for v in variants:
-                path, compiled, attention = v
-                row = {**base, "compile": compiled, "attention": attention}
+                path, compiled, attention, epilogue = v
+                row = {**base, "compile": compiled, "attention": attention, "mlp_epilogue": epilogue}
                 label = None if results is None else results["paths"].get(v)
                 why = skipped or (label if label and label.startswith("skipped") else None)
                 if why:
@@ -327,8 +360,11 @@ def main():
                           "prefill_ms": round(results[(v, "prefill", b)], 2),
                           "kernels_per_step": results.get((v, "kernels", b)),
                           "capture_s": round(results[(v, "capture_s", True)], 2),
-                          "broadcast_ms": round(results["broadcast"], 4)} for b in batches]
+                          "broadcast_ms": round(results["broadcast"], 4),
+                          **_kernel_fields(results.get((v, "kernel_names", b)), args.kernels)} for b in batches]
             print("\n".join(markdown(rows).splitlines()[2:]), flush=True)
+            if args.kernels:
+                print("\n\n".join(kernel_listing(r) for r in rows if not r.get("skipped")), flush=True)
             lines += rows
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +373,14 @@ def main():
     print("\n" + markdown(lines) + "\n\n" + ratios(lines))
 
 
+def _kernel_fields(names, listed: bool) -> dict:
+    if not listed:
+        return {}
+    names = names or []
+    return {"graph_kernels_per_step": sum(count for _, count in names), "kernels": [list(n) for n in names]}
+
+
+ON_OFF = {"off": False, "on": True}
 # --compile's choices -> GPT2Forward's compile_decode (False, True, or an Inductor mode)
 COMPILE_CHOICES = {"off": False, "on": True, "max": "max-autotune-no-cudagraphs"}
 
@@ -347,9 +391,9 @@ def compile_label(compiled) -> str:
 
 def markdown(rows) -> str:
     out = ["| model | layers | heads | embd | TP | dtype | batch | decode all-reduce | compiled | attention | "
-           "decode ms/step, CUDA graph | decode ms/step, eager | kernels/step | prefill ms (whole prompts) | "
-           "capture s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "MLP epilogue | decode ms/step, CUDA graph | decode ms/step, eager | kernels/step | "
+           "prefill ms (whole prompts) | capture s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
             cells = ["skipped: " + r["skipped"][:120], "", "", "", ""]
@@ -358,24 +402,30 @@ def markdown(rows) -> str:
                      f"{r['prefill_ms']:.1f}", f"{r['capture_s']:.1f}"]
         out.append(f"| {r['model']} | {r['layers']} | {r['heads']} | {r['embd']} | {r['tp']} | {r['dtype']} "
                    f"| {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} "
-                   f"| {r.get('attention', 'sdpa')} | "
+                   f"| {r.get('attention', 'sdpa')} | {_on_off(r.get('mlp_epilogue'))} | "
                    + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
+def _on_off(flag) -> str:
+    return "on" if flag else "off"  # rows from before the epilogue existed: off
+
+
 def ratios(rows) -> str:
-    """TP=2 step over TP=1 step (CUDA graphs), per shape, batch, all-reduce path, compile and attention."""
+    """TP=2 step over TP=1 step (CUDA graphs), per shape, batch, all-reduce path, compile, attention
+    and MLP epilogue."""
     def key(r):
-        return r["model"], r["batch"], r["compile"], r.get("attention", "sdpa")
+        return r["model"], r["batch"], r["compile"], r.get("attention", "sdpa"), bool(r.get("mlp_epilogue"))
 
     one = {key(r): r["graph_ms"] for r in rows if r["tp"] == 1 and r["graph_ms"]}
-    out = ["| model | batch | TP=2 all-reduce | compiled | attention | TP=1 ms | TP=2 ms | TP=2 / TP=1 |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | batch | TP=2 all-reduce | compiled | attention | MLP epilogue | TP=1 ms | TP=2 ms | TP=2 / TP=1 |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = one.get(key(r))
         if r["tp"] == 2 and r["graph_ms"] and base:
             out.append(f"| {r['model']} | {r['batch']} | {r['decode_all_reduce']} | {compile_label(r['compile'])} "
-                       f"| {r.get('attention', 'sdpa')} | {base:.3f} | {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
+                       f"| {r.get('attention', 'sdpa')} | {_on_off(r.get('mlp_epilogue'))} | {base:.3f} "
+                       f"| {r['graph_ms']:.3f} | {r['graph_ms'] / base:.2f} |")
     return "\n".join(out)
 
 

@@ -11,7 +11,9 @@ NCCL all-reduces) equal one unsharded process's (full forward passes, no cache),
 decode steps replayed as CUDA graphs and launched eagerly alike; the real Serve app over
 HTTP answers the same text; on one GPU, decode_attention="triton" (one Triton kernel for the
 cache write + attention) gives "sdpa"'s greedy tokens and its logits within fp32 rounding,
-eager and in CUDA graphs. fp16 and bf16 are recorded, not asserted exact: rounding
+eager and in CUDA graphs; the MLP's bias + tanh GELU in cuBLASLt's GEMM epilogue
+(serve_tp/model/epilogue.py) is taken above one row (a kernel fewer), not at one row, and
+gives the unfused step's fp32 tokens and logits within rounding. fp16 and bf16 are recorded, not asserted exact: rounding
 moves near-ties, and the printed control (one unsharded process with HF's KV cache
 against the same without) shows how far rounding alone moves greedy tokens there.
 `SERVE_TP_GPU_MODEL` picks the model (default: the tiny test model).
@@ -286,4 +288,70 @@ def test_triton_decode_attention_fp32_matches_sdpa(gpu_model, cuda_graphs):
     control = max((s.double() - e.double()).abs().max().item() for s, e in zip(sdpa, exact))
     print(f"\ntriton vs float64 {err:.2e}, sdpa vs float64 (control) {control:.2e}")
     assert [k.argmax(-1).tolist() for k in kernel] == [s.argmax(-1).tolist() for s in sdpa]
+    assert err <= 4 * control, (err, control)
+
+
+def _cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_mlp_epilogue_takes_lt_above_one_row_within_rounding(dtype):
+    """serve_tp/model/epilogue.py's reading of ATen, on the device: with 2+ rows
+    `_addmm_activation` runs at least one kernel fewer than addmm + F.gelu (the GELU is in
+    cuBLASLt's epilogue); with 1 row ATen skips Lt and bias_tanh_gelu is the unfused path.
+    Values: against float64, within a small multiple of the unfused path's own error (the
+    control: what rounding alone does; the epilogue rounds once where it rounds twice)."""
+    from serve_tp.model.epilogue import bias_tanh_gelu, takes_lt_epilogue
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(768, 3072, device="cuda", generator=gen, dtype=torch.float64) * 0.02
+    bias = torch.randn(3072, device="cuda", generator=gen, dtype=torch.float64) * 0.1
+    for rows in (1, 2, 32):
+        x = torch.randn(rows, 768, device="cuda", generator=gen, dtype=torch.float64)
+        exact = torch.nn.functional.gelu(torch.addmm(bias, x, weight), approximate="tanh")
+        b, xs, w = bias.to(dtype), x.to(dtype), weight.to(dtype)
+
+        def unfused():
+            return torch.nn.functional.gelu(torch.addmm(b, xs, w), approximate="tanh")
+
+        fused, plain = bias_tanh_gelu(b, xs, w), unfused()
+        control = (plain.double() - exact).abs().max().item()
+        err = (fused.double() - exact).abs().max().item()
+        fused_kernels, plain_kernels = _cuda_kernels(lambda: bias_tanh_gelu(b, xs, w)), _cuda_kernels(unfused)
+        print(f"\n{dtype} rows {rows}: epilogue {err:.2e} vs float64, control {control:.2e}; "
+              f"kernels {fused_kernels} vs {plain_kernels}")
+        assert err <= 2 * control + 1e-7, (rows, err, control)
+        assert takes_lt_epilogue(xs, w) == (rows > 1)
+        if rows == 1:  # ATen's own op takes no epilogue here either: the unfused kernels
+            op_kernels = _cuda_kernels(lambda: torch._addmm_activation(b, xs, w, use_gelu=True))
+            assert len(op_kernels) == len(plain_kernels), (op_kernels, plain_kernels)
+            assert torch.equal(fused, plain)
+        else:
+            assert len(fused_kernels) <= len(plain_kernels) - 1, (fused_kernels, plain_kernels)
+
+
+def test_mlp_epilogue_fp32_decode_matches_unfused(gpu_model):
+    """GPT2Forward with the c_fc bias + GELU in the GEMM epilogue against without, fp32 on one
+    GPU, replayed as CUDA graphs: the same greedy tokens, logits within a small multiple of the
+    control (the unfused step in float64)."""
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.model.loader import load_shard
+
+    shard = load_shard(gpu_model, "float32", torch.device("cuda", 0), 0, 1)
+    prompts = [[5 + (i * 7) % 40 for i in range(n)] for n in (3, 70, 12, 1)]
+    fused = _decode_record(GPT2Forward(shard, mlp_epilogue=True), prompts, 24, True)
+    plain = _decode_record(GPT2Forward(shard, mlp_epilogue=False), prompts, 24, True)
+    exact = _decode_record(GPT2Forward(shard.double(), mlp_epilogue=False), prompts, 24, False)
+    err = max((f.double() - e.double()).abs().max().item() for f, e in zip(fused, exact))
+    control = max((p.double() - e.double()).abs().max().item() for p, e in zip(plain, exact))
+    print(f"\nepilogue vs float64 {err:.2e}, unfused vs float64 (control) {control:.2e}")
+    assert [f.argmax(-1).tolist() for f in fused] == [p.argmax(-1).tolist() for p in plain]
     assert err <= 4 * control, (err, control)

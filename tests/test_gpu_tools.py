@@ -101,7 +101,9 @@ def test_gpu_profile_skips_a_split_the_sharding_refuses():
     row = {"model": "gpt2-xl", "layers": layers, "heads": heads, "embd": embd, "tp": 2, "dtype": "float16",
            "batch": 1, "decode_all_reduce": "nccl", "compile": False, "attention": "triton", "graph_ms": None,
            "eager_ms": None, "skipped": refusal}
-    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | nccl | off | triton | skipped: {refusal}" in profile.markdown([row])
+    assert f"| gpt2-xl | 48 | 25 | 1600 | 2 | float16 | 1 | nccl | off | triton | off | skipped: {refusal}" in \
+        profile.markdown([row])  # a row without mlp_epilogue (recorded before it existed): off
+    assert "| triton | on | skipped:" in profile.markdown([{**row, "mlp_epilogue": True}])
 
 
 def test_gpu_profile_compares_tp_within_one_attention_kernel():
@@ -111,5 +113,28 @@ def test_gpu_profile_compares_tp_within_one_attention_kernel():
     rows = [{**base, "tp": tp, "attention": attention, "graph_ms": ms}
             for tp, attention, ms in [(1, "sdpa", 0.5), (1, "triton", 0.4), (2, "sdpa", 0.6), (2, "triton", 0.44)]]
     table = profile.ratios(rows)
-    assert "| gpt2 | 1 | nccl | off | sdpa | 0.500 | 0.600 | 1.20 |" in table
-    assert "| gpt2 | 1 | nccl | off | triton | 0.400 | 0.440 | 1.10 |" in table
+    assert "| gpt2 | 1 | nccl | off | sdpa | off | 0.500 | 0.600 | 1.20 |" in table
+    assert "| gpt2 | 1 | nccl | off | triton | off | 0.400 | 0.440 | 1.10 |" in table
+    # the MLP epilogue is paired the same way: a TP=2 row with it has no TP=1 row with it here
+    assert "| on |" not in profile.ratios(rows[:2] + [{**rows[2], "mlp_epilogue": True}])
+
+
+def test_gpu_profile_lists_a_steps_kernels_per_layer():
+    """--kernels: a row's graph-replayed kernels by name, most frequent first, counts per layer;
+    an empty listing (a profiler that saw no graph kernels) says so rather than printing nothing."""
+    profile = load("gpu_profile")
+    fields = profile._kernel_fields([("gemm", 36), ("triton_poi_fused_add_0", 24), ("Memcpy HtoD", 1)], True)
+    assert fields["graph_kernels_per_step"] == 61 and fields["kernels"][0] == ["gemm", 36]
+    assert profile._kernel_fields(None, False) == {}  # without --kernels the row keeps its old fields
+    row = {"model": "gpt2", "layers": 12, "tp": 1, "batch": 1, "compile": True, "attention": "triton",
+           "mlp_epilogue": True, "kernels_per_step": 70, **fields}
+    listing = profile.kernel_listing(row).splitlines()
+    assert listing[0].startswith("gpt2 TP=1 batch 1 compile=on attention=triton mlp_epilogue=on: 61 kernels")
+    assert listing[1].split() == ["36", "3.00/layer", "gemm"]
+    assert "saw no kernels" in profile.kernel_listing({**row, **profile._kernel_fields([], True)})
+
+
+def test_gpu_profile_refuses_an_unknown_epilogue_choice():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "gpu_profile.py"), "--shapes", "gpt2",
+                             "--mlp-epilogue", "off,maybe"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown --mlp-epilogue ['maybe']" in result.stderr

@@ -3,16 +3,19 @@
 Replayed as a CUDA graph a decode step still runs every kernel: at batch 1 a GPT-2 layer
 is ~17 small kernels, and their count, not the weights' bytes, sets its time. Inductor
 fuses the residual add (with the all-reduce's cast back to the model's dtype), the layer
-norm, and the MLP's bias + GELU into single kernels; the GEMMs stay cuBLAS calls.
+norm, and the MLP's bias + GELU into single kernels; the GEMMs stay cuBLAS calls (c_fc's
+with its bias + GELU in cuBLASLt's epilogue where ATen takes it, `mlp_epilogue`: epilogue.py).
 
-What is compiled is two functions per layer shape, not the model: the weights are
+What is compiled is two functions per layer shape (and the first layer's input, which
+gathers the embeddings inside the layer norm's kernel), not the model: the weights are
 arguments, so every layer of one width reuses one compiled graph (dynamo guards on
 shapes and dtypes, not on which tensor), and compile time does not grow with depth.
 Batch is dynamic (one graph for batch 1, one for the rest), so a bucket needs no compile
-of its own (the runner still runs every bucket once before capturing). Kept outside: the KV-cache write and attention (an input mutation Inductor
-would copy), the row-parallel GEMMs (they write into the all-reduce's buffer) and the
-all-reduce itself. Inductor's own CUDA graphs are off (mode "default"): the decode runner
-captures the whole step, compiled pieces included, into its graphs.
+of its own (the runner still runs every bucket once before capturing). Kept outside: the
+KV-cache write and attention (an input mutation Inductor would copy), the row-parallel
+GEMMs (they write into the all-reduce's buffer) and the all-reduce itself. Inductor's own
+CUDA graphs are off (mode "default"): the decode runner captures the whole step, compiled
+pieces included, into its graphs.
 
 The sums arrive here un-cast (`partial_sum`): an fp16 model's symmetric-memory sum is
 float32, and `h + s.to(h.dtype)` inside the fused kernel rounds it exactly where the eager
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from serve_tp.model.epilogue import bias_tanh_gelu
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,10 +47,24 @@ def attention_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias
     return h, torch.addmm(bias, x, weight)
 
 
-def mlp_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias, approximate: str):
-    """(residual, activations): the attention sum added, layer norm, c_fc GEMM, bias + GELU."""
+def embedded_attention_input(tokens, positions, wte, wpe, ln_weight, ln_bias, eps: float, weight, bias):
+    """attention_input of the first layer from the token and position ids: the two embedding
+    gathers and their sum fuse into the layer norm's kernel (three kernels fewer per step).
+    The sum is eager's `wte[t] + wpe[p]` in the model's dtype."""
+    return attention_input(F.embedding(tokens, wte), F.embedding(positions, wpe), ln_weight, ln_bias, eps,
+                           weight, bias)
+
+
+def mlp_input(h, partial_sum, ln_weight, ln_bias, eps: float, weight, bias, approximate: str,
+              epilogue: bool = False):
+    """(residual, activations): the attention sum added, layer norm, c_fc GEMM, bias + GELU.
+
+    `epilogue` (tanh GELU only): the GEMM, bias and GELU as one cuBLASLt call where ATen takes
+    its epilogue (epilogue.py); Inductor runs aten._addmm_activation as an extern kernel."""
     h = _with_sum(h, partial_sum)
     x = F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
+    if epilogue and approximate == "tanh":
+        return h, bias_tanh_gelu(bias, x, weight)
     return h, F.gelu(torch.addmm(bias, x, weight), approximate=approximate)
 
 
@@ -55,7 +74,7 @@ def final_norm(h, partial_sum, ln_weight, ln_bias, eps: float):
 
 
 class CompiledPieces:
-    """The three compiled functions, made once per process and mode (dynamo caches by shape).
+    """The compiled functions, made once per process and mode (dynamo caches by shape).
 
     `mode` "default" keeps the GEMMs on cuBLAS; "max-autotune-no-cudagraphs" lets Inductor
     pick Triton GEMM templates with the bias + GELU (and the residual add) fused into their
@@ -66,6 +85,7 @@ class CompiledPieces:
         # batch is marked dynamic per call (`batch_dynamic`); widths stay static, for Inductor's kernels
         options = dict(fullgraph=True, mode=mode)
         self.attention_input = torch.compile(attention_input, **options)
+        self.embedded_attention_input = torch.compile(embedded_attention_input, **options)
         self.mlp_input = torch.compile(mlp_input, **options)
         self.final_norm = torch.compile(final_norm, **options)
 

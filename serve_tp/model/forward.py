@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from serve_tp.model.epilogue import TANH_GELU, bias_tanh_gelu
 from serve_tp.model.host_copy import upload, upload_tensor
 from serve_tp.model.shard import BlockShard, Conv1DWeights, GPT2Shard
 
@@ -63,7 +64,7 @@ class GPT2Forward:
 
     def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
                  decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False,
-                 decode_attention: str = "sdpa"):
+                 decode_attention: str = "sdpa", mlp_epilogue: bool = True):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -80,6 +81,9 @@ class GPT2Forward:
         self.ln_f = shard.ln_f
         self.lm_head = shard.vocab_projection
         self.act = _activation(shard.config.activation_function)
+        # c_fc's bias + tanh GELU in cuBLASLt's GEMM epilogue where it takes it (epilogue.py);
+        # off, or another activation: addmm, then the activation
+        self.mlp_epilogue = mlp_epilogue and shard.config.activation_function in TANH_GELU
         self.device, self.dtype = shard.device, shard.dtype
         self.blocks: list[BlockShard] = list(shard.blocks)
         self.scales = attention_scales(shard.config, self.num_layers, self.head_dim)
@@ -133,7 +137,10 @@ class GPT2Forward:
         return torch.mm(x, linear.weight, out=out)
 
     def _mlp(self, block: BlockShard, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
+        if self.mlp_epilogue:
+            x = bias_tanh_gelu(block.c_fc.bias, block.ln_2(h), block.c_fc.weight)
+        else:
+            x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
         return h + self._row_parallel(x, block.mlp_proj, decode)
 
     def _qkv(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
@@ -217,9 +224,9 @@ class GPT2Forward:
         rows = mask = None  # the Triton kernel needs neither: each row stops at its own position
         if self.decode_attention == "sdpa":
             rows, mask = sdpa_decode_mask(positions, span, self.dtype)
-        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         if self.compiled is not None:
-            return self._decode_compiled(cache, h, rows, positions, mask, span)
+            return self._decode_compiled(cache, tokens, rows, positions, mask, span)
+        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer, block in enumerate(self.blocks):
             attn = self._attend(cache, layer, self._qkv(block, h), rows, positions, mask, span)
             h = h + self._row_parallel(attn, block.attn_proj, decode=True)
@@ -232,23 +239,29 @@ class GPT2Forward:
             return self._attention_kernel(qkv, cache.kv[layer], positions, span, self.scales[layer])
         return sdpa_decode_attention(qkv, cache.kv[layer], rows, positions, mask, span, self.scales[layer])
 
-    def _decode_compiled(self, cache: "KVCache", h, rows, positions, mask, span: int) -> torch.Tensor:
+    def _decode_compiled(self, cache: "KVCache", tokens, rows, positions, mask, span: int) -> torch.Tensor:
         """decode() with the pieces between GEMMs and all-reduces compiled (compiled.py).
 
-        Each sum is handed on un-cast and added to the residual inside the next piece."""
+        The embeddings are gathered inside the first piece; each sum is handed on un-cast and
+        added to the residual inside the next piece."""
         from serve_tp.model.compiled import batch_dynamic
 
-        pieces, batch, total = self.compiled, h.shape[0], None
+        pieces, batch, total = self.compiled, tokens.shape[0], None
         for layer, block in enumerate(self.blocks):
-            batch_dynamic(h, total)
-            h, qkv = pieces.attention_input(h, total, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps,
-                                            block.c_attn.weight, block.c_attn.bias)
+            ln, fused = block.ln_1, block.c_attn
+            if layer == 0:
+                batch_dynamic(tokens, positions)
+                h, qkv = pieces.embedded_attention_input(tokens, positions, self.wte, self.wpe, ln.weight, ln.bias,
+                                                         ln.eps, fused.weight, fused.bias)
+            else:
+                batch_dynamic(h, total)
+                h, qkv = pieces.attention_input(h, total, ln.weight, ln.bias, ln.eps, fused.weight, fused.bias)
             attn = self._attend(cache, layer, qkv.view(batch, 3, self.num_heads, self.head_dim), rows, positions,
                                 mask, span)
             total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False)
             batch_dynamic(h, total)
             h, x = pieces.mlp_input(h, total, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
-                                    block.c_fc.weight, block.c_fc.bias, self.gelu)
+                                    block.c_fc.weight, block.c_fc.bias, self.gelu, self.mlp_epilogue)
             total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False)
         batch_dynamic(h, total)
         return F.linear(pieces.final_norm(h, total, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.lm_head)

@@ -1,0 +1,63 @@
+"""The MLP's c_fc GEMM with its bias and tanh GELU in the GEMM's epilogue: one kernel, not three.
+
+`torch._addmm_activation(bias, x, W, use_gelu=True)` asks cuBLASLt for its GELU_BIAS
+epilogue, the tanh approximation GPT-2's gelu_new is. Where it is taken, the c_fc GEMM,
+its bias and the GELU are one kernel, and the GELU acts on the fp32 accumulator before the
+one rounding to fp16/bf16 (the unfused path rounds twice: after the GEMM and after the GELU).
+
+When ATen takes the Lt path (aten/src/ATen/native/cuda/Blas.cpp, `addmm_out_cuda_impl` and
+`isInputCompliesAddmmCudaLt`, in both versions read: before and after that check took the
+activation as an argument): not disabled by
+DISABLE_ADDMM_CUDA_LT=1; beta == 1; the result 2-D and contiguous, not the bias itself; the
+bias 1-D (or squeezable to 1-D), contiguous, as long as W's columns; dtype float32, float16,
+bfloat16 (or float64); and every dimension of mat1 and mat2 > 1 ("if mat2 has only 1 row or
+column, we get CUBLAS_STATUS_INVALID_VALUE from cublasLtMatmulAlgoGetHeuristic"; mat1 is
+included because the two may be swapped by layout). Our layout passes the layout checks:
+x [rows, in] and Conv1D's W [in, out] both row-major, so cuBLAS sees the column-major
+problem out^T = W^T x^T without transposes and the bias runs along the output features,
+as Lt's bias epilogue wants; no weight layout change is needed.
+
+Batch 1 fails `mat1.size(0) > 1`. ATen then takes its plain GEMM path: it copies the
+bias into the result (a broadcast copy kernel), runs the GEMM with beta = 1, and applies
+`gelu_(result, "tanh")` in place: three kernels, the same three (and the same values) as
+addmm + F.gelu. The same rule makes every plain `addmm` of a batch-1 decode step two
+kernels (bias copy + GEMM) where a batch of 2 gets one Lt kernel with the bias in its
+epilogue. What would take it at batch 1: running the step with at least 2 rows (a padding
+row: the decode runner's smallest bucket 2), which costs a GEMV-bound GEMM nothing extra
+and saves 4 bias copies + 1 GELU per layer (decode_runner.py does not do this yet).
+
+Under torch.compile, Inductor keeps aten._addmm_activation as a fallback (extern) kernel
+(torch/_inductor/lowering.py: `make_fallback(aten._addmm_activation)`; it is not in
+Inductor's decomposition table), so the compiled step calls the same ATen op and cuBLASLt.
+A plain addmm whose only users are pointwise is instead split by the post-grad pass
+`unfuse_bias_add_to_pointwise` into mm + a bias add fused into the pointwise kernel, except
+for fp16/bf16 where `keep_addmm_fused_for_half_dtypes` (True in torch 2.13's Inductor config;
+the device's 2.11 may predate it: gpu_profile.py --kernels shows which) keeps the addmm.
+
+Off CUDA the op is not the same function: ATen's CPU kernel applies the exact (erf) GELU,
+so CPU keeps addmm + F.gelu(approximate="tanh").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# transformers' activation names that are F.gelu(approximate="tanh")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def takes_lt_epilogue(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ATen would run addmm(bias, x, weight) through cuBLASLt's epilogue: CUDA and no
+    dimension of 1 (the layout, dtype and bias conditions hold for GPT2Forward's tensors)."""
+    return x.is_cuda and x.shape[0] > 1 and x.shape[1] > 1 and weight.shape[1] > 1
+
+
+def bias_tanh_gelu(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x @ weight + bias): in the GEMM's epilogue where cuBLASLt takes it, else unfused.
+
+    Unfused where Lt would not take it: at batch 1 `_addmm_activation` would run the same
+    three kernels, and under Inductor the unfused form may still fuse the GELU with the bias."""
+    if takes_lt_epilogue(x, weight):
+        return torch._addmm_activation(bias, x, weight, use_gelu=True)
+    return F.gelu(torch.addmm(bias, x, weight), approximate="tanh")
