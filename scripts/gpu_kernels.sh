@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Kernels per decode step (issue #13) on a 2-GPU device machine, in one call (~7 min):
+#   run(command="bash scripts/gpu_kernels.sh", carry=[".whl"], kind="nvidia-h200-x2", timeout_s=590)
+# 1. pytest -m gpu -k "mlp_epilogue or triton or compiled": the c_fc GEMM with bias + tanh GELU in
+#    cuBLASLt's epilogue against float64 (the unfused path as the rounding control), fp32 epilogue
+#    on == off, Triton attention == SDPA, compiled == eager
+# 2. gpu_profile --kernels, gpt2 shape, TP 1 and 2, batch 1, 2 and 32: eager with sdpa/triton
+#    attention x epilogue off/on, then compiled + triton + epilogue; kernel names a step.
+#    Batch 2 next to batch 1 says what a padding row would give batch 1 (ATen takes the Lt
+#    epilogue only above one row: serve_tp/model/epilogue.py).
+# Each part is bounded by what is left of BUDGET_S, so the call returns its files.
+set -uo pipefail
+source .whl/install.sh >/dev/null 2>&1; export SERVE_TP_WHEELS_INSTALLED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-570}
+left() { echo $(( BUDGET_S - SECONDS - ${1:-0} )); }
+nvidia-smi -L
+python3 -c "import torch; print('torch', torch.__version__)"
+M=models/tiny-gpt2
+[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
+echo "== tests ($(left) s left)"
+SERVE_TP_GPU_MODEL=$M timeout 200 python3 -m pytest -m gpu tests/test_gpu.py -k "mlp_epilogue or triton or compiled" \
+  -q -s -p no:cacheprovider 2>&1 | grep "passed\|failed\|Error\|assert\|kernels" | tail -20 | tee "$OUT/kernels_tests.log"
+echo "== profile, eager: attention x epilogue ($(left) s left)"
+timeout $(left 200) python3 scripts/gpu_profile.py --shapes gpt2 --tp 1,2 --batches 1,2,32 --context 256 --steps 100 \
+  --compile off --all-reduce nccl --attention sdpa,triton --mlp-epilogue off,on --kernels --run-timeout-s 150 \
+  --json "$OUT/profile_kernels.jsonl" 2>&1 | grep -v "Warning\|warn\|DeepSpeed\|^\[\|^INFO" | tee "$OUT/profile_kernels.md" | grep "^|" | tail -30
+echo "== profile, compiled + triton ($(left) s left)"
+timeout $(left 10) python3 scripts/gpu_profile.py --shapes gpt2 --tp 1,2 --batches 1,2 --context 256 --steps 100 \
+  --compile on --all-reduce nccl --attention triton --mlp-epilogue off,on --kernels --run-timeout-s 150 \
+  --json "$OUT/profile_kernels_compiled.jsonl" 2>&1 | grep -v "Warning\|warn\|DeepSpeed\|^\[\|^INFO" \
+  | tee "$OUT/profile_kernels_compiled.md" | grep "^|" | tail -20
+find "$OUT" -type f | sort
