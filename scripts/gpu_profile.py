@@ -286,7 +286,7 @@ def main():
                              "(near --context: the long spans where attention's cost shows)")
     parser.add_argument("--attention", default="sdpa",
                         help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), comma-separated")
-    parser.add_argument("--mlp-epilogue", default="on",
+    parser.add_argument("--mlp-epilogue", default="off",
                         help="GPT2Forward's mlp_epilogue: off (addmm, then GELU), on (bias + tanh GELU in the c_fc "
                              "GEMM's cuBLASLt epilogue where ATen takes it), comma-separated")
     parser.add_argument("--kernels", action="store_true",

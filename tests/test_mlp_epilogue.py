@@ -72,5 +72,5 @@ def test_forward_fuses_only_the_tanh_gelu(tiny_model_dir, activation, fused):
     shard = load_shard(tiny_model_dir, "float32", CPU, 0, 1)
     shard.config.activation_function = activation
     assert (activation in TANH_GELU) == fused
-    assert GPT2Forward(shard).mlp_epilogue is fused
-    assert GPT2Forward(shard, mlp_epilogue=False).mlp_epilogue is False
+    assert GPT2Forward(shard, mlp_epilogue=True).mlp_epilogue is fused
+    assert GPT2Forward(shard).mlp_epilogue is False  # off by default: not exact on the device (epilogue.py)

@@ -1,4 +1,13 @@
-"""The MLP's c_fc GEMM with its bias and tanh GELU in the GEMM's epilogue: one kernel, not three.
+"""The MLP's c_fc GEMM with its bias and tanh GELU in the GEMM's epilogue: one kernel, not two.
+
+Measured on H200 (torch 2.11, cuBLAS 13; docs/results/h200x2/kernels/): OFF by default
+(GPT2Forward's `mlp_epilogue`), kept for gpu_profile.py --mlp-epilogue. cuBLASLt's GELU
+epilogue is not the exact tanh GELU: in fp32 its error against float64 is ~10x what
+rounding alone gives (5.5e-6 against 5.5e-7 for one c_fc; 1.8e-5 against 3.8e-6 over a
+decode), so it would break the fp32 exactness the project keeps. And it bought no time:
+the gpt2 step with it had 12 kernels fewer (the GELU) and was as fast within noise. torch
+2.11 also takes it at one row (the `nvjet_..._gelubias` kernel), so the row condition
+below is that of the newer source read, not of the device's build.
 
 `torch._addmm_activation(bias, x, W, use_gelu=True)` asks cuBLASLt for its GELU_BIAS
 epilogue, the tanh approximation GPT-2's gelu_new is. Where it is taken, the c_fc GEMM,
