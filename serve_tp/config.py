@@ -178,8 +178,9 @@ class ServeTPConfig(BaseModel):
         False, description="torch.compile the decode step's layer norms, residual adds and bias + GELU "
         "into fused kernels between the GEMMs and all-reduces (Inductor without its own CUDA graphs; "
         "the decode graphs capture the compiled step). Costs compile time at start (~8 s a rank). On 2xH200 "
-        "5-12% shorter TP=2 decode steps (docs/gpu.md); off by default until run under the serving app "
-        "on a GPU. Ignored on cpu."
+        "5-12% shorter TP=2 decode steps, and with decode_attention triton gpt2's batch-1 step 0.56 -> 0.42 ms "
+        "(docs/gpu.md); under the serving app it served correctly but no faster at 32-128 users "
+        "(BENCHMARKS.md), so off by default. Ignored on cpu."
     )
     decode_attention: DecodeAttention = Field(
         "sdpa", description="How a decode step stores this token's K/V and attends over the cache. sdpa: "
