@@ -121,8 +121,9 @@ class ServeTPConfig(BaseModel):
         "replica and N InferenceDeployment replicas serve HTTP for it, each submitting to and polling rank 0 "
         "directly, so parsing, tokenizing, detokenizing and streaming run on N event loops, not one: "
         "a burst of arrivals waits for one replica's share of it. max_ongoing_requests and "
-        "max_queued_requests stay the group's, split between its API replicas. Needs num_replicas "
-        "(not autoscaling_config)."
+        "max_queued_requests stay the group's, split between its API replicas. One group only (num_replicas "
+        "1, no autoscaling_config). On 2xH200 4 of them cut TTFT under a 128-user burst but raised TPOT "
+        "(BENCHMARKS.md)."
     )
 
     # --- batching ---
@@ -178,9 +179,9 @@ class ServeTPConfig(BaseModel):
         False, description="torch.compile the decode step's layer norms, residual adds and bias + GELU "
         "into fused kernels between the GEMMs and all-reduces (Inductor without its own CUDA graphs; "
         "the decode graphs capture the compiled step). Costs compile time at start (~8 s a rank). On 2xH200 "
-        "5-12% shorter TP=2 decode steps, and with decode_attention triton gpt2's batch-1 step 0.56 -> 0.42 ms "
-        "(docs/gpu.md); under the serving app it served correctly but no faster at 32-128 users "
-        "(BENCHMARKS.md), so off by default. Ignored on cpu."
+        "5-12% shorter TP=2 decode steps, and with decode_attention triton gpt2's batch-1 step at TP=1 "
+        "0.56 -> 0.42 ms (docs/gpu.md); under the serving app it served correctly but was slower at 32-128 "
+        "users (BENCHMARKS.md), so off by default. Ignored on cpu."
     )
     decode_attention: DecodeAttention = Field(
         "sdpa", description="How a decode step stores this token's K/V and attends over the cache. sdpa: "
@@ -256,10 +257,13 @@ class ServeTPConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _api_replicas_fixed(self) -> "ServeTPConfig":
-        if self.api_replicas > 1 and self.autoscaling_config is not None:
-            raise ValueError("api_replicas > 1 needs a fixed num_replicas: each group's API replicas are "
-                             "num_replicas x api_replicas, which autoscaling_config cannot follow")
+    def _api_replicas_one_group(self) -> "ServeTPConfig":
+        """Each HTTP replica attaches to the group Serve's router hands its `attach` call to:
+        with one group that is the group; with several, nothing would keep them spread evenly
+        (a group could be left with none, its GPUs idle), nor send a replaced group its share."""
+        if self.api_replicas > 1 and (self.autoscaling_config is not None or self.num_replicas > 1):
+            raise ValueError("api_replicas > 1 needs one TP group (num_replicas 1, no autoscaling_config): "
+                             "HTTP replicas are not yet assigned to groups evenly")
         return self
 
     def api_replica_limits(self) -> tuple[int, int]:

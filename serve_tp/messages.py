@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -59,8 +59,8 @@ class GroupEndpoint:
     attach to it (`api_replicas`): Ray actor handles travel inside Ray's own serialization,
     so each API replica talks to rank 0 directly, not through the owner."""
 
-    workers: tuple  # InferenceWorker actor handles, rank 0 first
-    rank_info: list  # each rank's setup answer (dicts), for /health and the startup log
+    workers: tuple[Any, ...]  # InferenceWorker actor handles (ray.actor.ActorHandle), rank 0 first
+    rank_info: tuple[dict, ...]  # each rank's setup answer, for /health and the startup log
     owner: str  # the owning replica's id
 
 

@@ -118,7 +118,7 @@ class TPGroup:
 
     def endpoint(self, owner: str) -> GroupEndpoint:
         """What an API replica needs to attach to this (started) group."""
-        return GroupEndpoint(workers=tuple(self.workers), rank_info=self.rank_info, owner=owner)
+        return GroupEndpoint(workers=tuple(self.workers), rank_info=tuple(self.rank_info), owner=owner)
 
     async def start(self) -> list[dict]:
         """Rank 0 picks an address on its node; all ranks join and load their shards."""

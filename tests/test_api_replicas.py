@@ -8,6 +8,7 @@ app returns under concurrent load (rank 0 keeps their outputs apart), and heal w
 import concurrent.futures
 import os
 import signal
+import time
 
 import httpx
 import openai
@@ -97,14 +98,25 @@ def test_a_killed_rank_heals_the_group_and_every_http_replica(split_url):
     assert r.status_code in (503, 504), r.text  # never a hang, never a 200 with garbage
     wait_for_new_group(split_url, old_pids)
 
-    def new_group():  # ask until both HTTP replicas have answered from a new group
-        status, info = ranks(split_url)
-        pids = frozenset(r["pid"] for r in info) if status == 200 else frozenset(old_pids)
-        return httpx.get(f"{split_url}/health", timeout=10).headers.get("x-serve-tp-replica"), pids
+    def bound_to():  # (the HTTP replica that answered, its group's rank pids), from one response
+        while True:
+            try:
+                r = httpx.get(f"{split_url}/health", timeout=10)
+                if "x-serve-tp-replica" in r.headers:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pids = frozenset(rank["pid"] for rank in r.json()["ranks"]) if r.status_code == 200 else None
+        return r.headers.get("x-serve-tp-replica"), pids
 
-    for _ in range(60):
-        seen = until_both(new_group, tries=10)
-        if len(seen) == 2 and all(not (p[-1] & old_pids) for p in seen.values()):
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        seen = until_both(bound_to, tries=10)
+        healed = {replica: pids[-1] for replica, pids in seen.items()}
+        if len(healed) == 2 and all(p is not None and not p & old_pids for p in healed.values()):
             break
-    assert len(seen) == 2 and all(not (p[-1] & old_pids) for p in seen.values()), seen
+        time.sleep(1)
+    assert len(healed) == 2 and all(p is not None and not p & old_pids for p in healed.values()), seen
+    assert len(set(healed.values())) == 1  # both HTTP replicas on the one new group
     assert greedy(split_url).json()["choices"][0]["text"] == expected

@@ -24,6 +24,7 @@ from serve_tp.model.source import ModelSourceError, check_model_shardable, resol
         ({"decode_attention": "flash"}, "decode_attention"),
         ({"api_replicas": 0}, "api_replicas"),
         ({"api_replicas": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}, "api_replicas"),
+        ({"api_replicas": 2, "num_replicas": 2}, "api_replicas"),
     ],
 )
 def test_bad_settings_fail_at_build_time_naming_the_field(args, field):
@@ -45,14 +46,14 @@ def test_autoscaling_replaces_num_replicas():
 
 
 def test_api_replicas_split_the_groups_limits_and_leave_the_group_deployment_its_placement():
-    cfg = ServeTPConfig(api_replicas=3, num_replicas=2, max_ongoing_requests=64, max_queued_requests=100)
+    cfg = ServeTPConfig(api_replicas=3, max_ongoing_requests=64, max_queued_requests=100)
     assert cfg.api_replica_limits() == (22, 34)  # rounded up: the group admits at least its limits
     api = api_deployment_options(cfg)
-    assert api["num_replicas"] == 6 and api["ray_actor_options"] == {"num_cpus": 1.0}
+    assert api["num_replicas"] == 3 and api["ray_actor_options"] == {"num_cpus": 1.0}
     assert api["max_ongoing_requests"] == serve_routing_limit(22, 34) and api["max_queued_requests"] == 34
     assert "placement_group_bundles" not in api
     group = deployment_options(cfg, "cuda")
-    assert group["num_replicas"] == 2 and len(group["placement_group_bundles"]) == 1 + cfg.tensor_parallel_size
+    assert group["num_replicas"] == 1 and len(group["placement_group_bundles"]) == 1 + cfg.tensor_parallel_size
     assert "backpressure_config" not in group  # no client request reaches it
     one = ServeTPConfig(max_ongoing_requests=64, max_queued_requests=-1)
     assert one.api_replica_limits() == (64, -1)

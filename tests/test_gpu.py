@@ -11,9 +11,7 @@ NCCL all-reduces) equal one unsharded process's (full forward passes, no cache),
 decode steps replayed as CUDA graphs and launched eagerly alike; the real Serve app over
 HTTP answers the same text; on one GPU, decode_attention="triton" (one Triton kernel for the
 cache write + attention) gives "sdpa"'s greedy tokens and its logits within fp32 rounding,
-eager and in CUDA graphs; the MLP's bias + tanh GELU in cuBLASLt's GEMM epilogue
-(serve_tp/model/epilogue.py) is taken above one row (a kernel fewer), not at one row, and
-gives the unfused step's fp32 tokens and logits within rounding. fp16 and bf16 are recorded, not asserted exact: rounding
+eager and in CUDA graphs. fp16 and bf16 are recorded, not asserted exact: rounding
 moves near-ties, and the printed control (one unsharded process with HF's KV cache
 against the same without) shows how far rounding alone moves greedy tokens there.
 `SERVE_TP_GPU_MODEL` picks the model (default: the tiny test model).

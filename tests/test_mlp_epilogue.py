@@ -1,7 +1,7 @@
 """The MLP's bias + tanh GELU in the c_fc GEMM's epilogue (serve_tp/model/epilogue.py), on CPU.
 
-cuBLASLt's epilogue itself needs CUDA (tests/test_gpu.py checks its values and its kernel
-count there). Here: why the CPU keeps the unfused form (ATen's CPU `_addmm_activation` is
+cuBLASLt's epilogue itself needs CUDA; on H200 it was 5-10x fp32 rounding from float64 and
+no faster, so it is off by default (epilogue.py; gpu_profile.py --mlp-epilogue measures it). Here: why the CPU keeps the unfused form (ATen's CPU `_addmm_activation` is
 the erf GELU, not GPT-2's tanh one), that the CPU path is exactly the old addmm + F.gelu,
 that Inductor runs the op as an extern fallback kernel (so a compiled step calls the same
 ATen op, and cuBLASLt, on CUDA), and which activations GPT2Forward fuses.

@@ -173,7 +173,7 @@ def test_two_clients_of_one_rank_0_each_get_only_their_own_sequences(rank0, mode
                 for seq_id, n in lengths.items()}
         return {seq_id: await run for seq_id, run in runs.items()}
 
-    tokens = asyncio.run(main())
+    tokens = asyncio.run(asyncio.wait_for(main(), 60))  # a token polled by the wrong client: a short stream
     assert {client for (_, client) in rank0.poll.calls} == {"replica-a", "replica-b"}
     assert sorted(c for (_, c) in rank0.submit.calls) == ["replica-a", "replica-b"]  # one call each, one tick
     for seq_id, n in lengths.items():  # each whole, in order: no token went to the other client
@@ -197,13 +197,45 @@ def test_a_client_that_stops_polling_has_its_sequences_cancelled(rank0, model_an
 
     async def main():
         gone = group_with(rank0, "gone")
-        await gone._submit({"orphan": SequenceRequest("orphan", prompt, greedy(long))})  # then never polls
+        await gone._submit({"orphan": SequenceRequest("orphan", prompt, greedy(long))})  # then stops polling
         deadline = time.monotonic() + 30
         while not cancelled and time.monotonic() < deadline:
             await rank0.worker.poll(0.01, "live")  # a live client's polls run the sweep
-        return await collect(group_with(rank0, "live"), SequenceRequest("live", prompt, greedy(3)))
+        late = {}  # had "gone" only been slow, its next polls bring the orphan's end: it fails, not hangs
+        while "orphan" not in late or late["orphan"].finish_reason is None:
+            late.update(unpack(await rank0.worker.poll(1.0, "gone")))
+        await asyncio.sleep(0.1)  # "gone" idle again, nothing of it running: dropped at the next sweep
+        return late["orphan"], await collect(group_with(rank0, "live"), SequenceRequest("live", prompt, greedy(3)))
 
-    live = asyncio.run(main())
+    end, live = asyncio.run(asyncio.wait_for(main(), 60))
     assert cancelled == [("orphan", 1)]  # by the sweep, while it was still decoding
+    assert end.finish_reason == "cancelled"
     assert _drains(engine) and "gone" not in rank0.worker._outboxes
     assert live == alone(model_dir, list(prompt), 3)  # the group serves on
+
+
+def test_a_client_that_left_with_nothing_running_is_dropped_without_a_cancel(rank0, model_and_tokenizer,  # noqa: F811
+                                                                            monkeypatch):
+    """A client whose last stream ended (or was closed) stops polling; the finished outputs left
+    in its box are not sequences to cancel: the sweep drops the box quietly."""
+    from serve_tp.engine import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "ABANDONED_AFTER_S", 0.05)
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+    cancelled = []
+    monkeypatch.setattr(rank0.worker, "cancel", cancelled.append)
+
+    async def main():
+        idle = group_with(rank0, "idle")
+        stream = idle.generate(SequenceRequest("closed", prompt, greedy(50)))
+        await stream.__anext__()
+        await stream.aclose()  # the client left mid-stream: its group cancels it (tp_group.cancel)
+        await asyncio.sleep(0.2)  # the 'cancelled' end lands in "idle"'s box; "idle" polls no more
+        await rank0.worker.poll(0.01, "other")
+        await rank0.worker.poll(0.01, "other")  # its previous poll was recent: it sweeps
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert "idle" not in rank0.worker._outboxes
+    assert cancelled == []  # the worker's sweep cancelled nothing (the group's own cancel went by rank0.cancel)
+    assert rank0.cancel.calls == [("closed",)]

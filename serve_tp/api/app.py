@@ -99,10 +99,10 @@ def deployment_options(config: ServeTPConfig, device: str) -> dict:
 
 
 def api_deployment_options(config: ServeTPConfig) -> dict:
-    """The HTTP replicas of api_replicas > 1: api_replicas per group, each a CPU and no GPU,
-    placed anywhere (they reach rank 0 over Ray), each admitting its share of the group's limits."""
+    """The HTTP replicas of api_replicas > 1 (one group): replica_cpus each and no GPU, placed
+    anywhere (they reach rank 0 over Ray), each admitting its share of the group's limits."""
     return {
-        "num_replicas": config.num_replicas * config.api_replicas,
+        "num_replicas": config.api_replicas,
         "ray_actor_options": {"num_cpus": config.replica_cpus},
         **backpressure_options(config),
         **_health_options(config),

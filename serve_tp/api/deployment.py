@@ -164,11 +164,14 @@ class InferenceDeployment:
         }))
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising makes Serve replace the whole replica."""
+        """Serve calls this periodically; raising makes Serve replace the whole replica (an
+        attached one too: its replacement attaches again). The ranks' health gauge is the
+        owner's to record, so a dashboard counts each rank once."""
         try:
             await self.group.health()
         finally:
-            record_rank_health(self.config.model_name, self.replica_id, self.group.rank_healthy)
+            if self.group.owns_ranks:
+                record_rank_health(self.config.model_name, self.replica_id, self.group.rank_healthy)
 
     def __del__(self):
         group = getattr(self, "group", None)

@@ -11,7 +11,8 @@ loop the split is meant to take off the path.
 
 If the group fails, this replica's health check fails and Serve replaces it; the HTTP
 replicas' health checks (which ask the same ranks) fail too, and their replacements attach
-to the new group.
+to the new group (the only one: api_replicas needs num_replicas 1, config.py), retrying
+until its `attach` answers.
 """
 
 from __future__ import annotations

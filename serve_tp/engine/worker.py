@@ -18,8 +18,12 @@ from serve_tp.messages import RankSettings, SequenceOutput, SequenceRequest, pac
 logger = logging.getLogger(__name__)
 
 
-# A client whose outputs wait this long unpolled is gone (a live one polls every 0.5 s).
+# A client with sequences running that has not polled for this long is gone: a live one
+# polls at least every 0.5 s (tp_group.POLL_TIMEOUT_S) while it has any in flight.
 ABANDONED_AFTER_S = 30.0
+# A poll whose own client last polled longer ago than this may have waited behind a stalled
+# event loop, as every other client's may have: it judges no one.
+LOOP_STALL_S = 5.0
 
 
 class ClientOutbox:
@@ -28,9 +32,10 @@ class ClientOutbox:
     def __init__(self, client: str):
         self.client = client
         self.outputs: dict[str, list[SequenceOutput]] = {}  # seq_id -> outputs not yet polled
+        self.running: set[str] = set()  # its sequences submitted and not finished (the engine's view)
         self.signalled = False  # `ready` was set since the last drain (the engine thread sets it once)
         self.ready = asyncio.Event()
-        self.polled_at = time.monotonic()
+        self.polled_at = time.monotonic()  # its last poll or submit
 
 
 class InferenceWorker:
@@ -92,9 +97,15 @@ class InferenceWorker:
         self.submit_calls += 1
         self.submitted += len(requests)
         box = self._outbox_of(client)
+        box.polled_at = time.monotonic()
+        with self._outbox_lock:
+            box.running.update(request.seq_id for request in requests)
         arrivals = [(request, partial(self._post, box, request.seq_id)) for request in requests]
         # A failed engine raises here, failing the whole call: the group is down (503 for all).
-        return pack(self.engine.submit_many(arrivals))
+        refused = self.engine.submit_many(arrivals)
+        with self._outbox_lock:
+            box.running.difference_update(refused)
+        return pack(refused)
 
     def _outbox_of(self, client: str) -> "ClientOutbox":
         """`client`'s outbox, made on its first call (on the actor's event loop)."""
@@ -110,6 +121,8 @@ class InferenceWorker:
         not per token."""
         with self._outbox_lock:
             box.outputs.setdefault(seq_id, []).append(out)
+            if out.finish_reason is not None:
+                box.running.discard(seq_id)
             if box.signalled:
                 return
             box.signalled = True
@@ -123,8 +136,10 @@ class InferenceWorker:
         Ray round trip per step instead of one per token per sequence.
         """
         box = self._outbox_of(client)
-        box.polled_at = time.monotonic()
-        self._drop_abandoned()
+        now = time.monotonic()
+        if now - box.polled_at < LOOP_STALL_S:  # this loop has been running: its clock can judge the others
+            self._drop_abandoned(now)
+        box.polled_at = now
         try:
             await asyncio.wait_for(box.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
@@ -141,20 +156,25 @@ class InferenceWorker:
             merged[seq_id] = out
         return pack(merged)
 
-    def _drop_abandoned(self) -> None:
-        """Cancel the sequences of a client that has stopped polling (its API replica died
-        or was replaced): they would run to max_tokens for no one, and their outputs pile up.
-        A live client with sequences in flight polls at least every POLL_TIMEOUT_S."""
-        now = time.monotonic()
+    def _drop_abandoned(self, now: float) -> None:
+        """Cancel the running sequences of a client that has stopped polling (its HTTP replica
+        died or was replaced): they would decode to max_tokens for no one. Its box stays, so
+        if it was only slow it still reads their 'cancelled' ends (its requests fail, not
+        hang). A box with nothing running, idle as long, is dropped without a word: its
+        client has left, or will get a new box with its next submit."""
         for client, box in list(self._outboxes.items()):
-            if box.outputs and now - box.polled_at > ABANDONED_AFTER_S:
-                with self._outbox_lock:
-                    seq_ids, box.outputs, box.signalled = list(box.outputs), {}, False
-                logger.warning("client %r has not polled for %.0f s: cancelling its %d sequences",
-                               client, now - box.polled_at, len(seq_ids))
-                for seq_id in seq_ids:
-                    self.cancel(seq_id)
+            idle = now - box.polled_at
+            if idle <= ABANDONED_AFTER_S:
+                continue
+            with self._outbox_lock:
+                abandoned, box.running = sorted(box.running), set()
+            if not abandoned:
                 del self._outboxes[client]
+                continue
+            logger.warning("client %r has not polled for %.0f s: cancelling its %d running sequences",
+                           client, idle, len(abandoned))
+            for seq_id in abandoned:
+                self.cancel(seq_id)
 
     def cancel(self, seq_id: str) -> None:
         if self.engine is not None:

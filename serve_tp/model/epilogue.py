@@ -1,8 +1,8 @@
 """The MLP's c_fc GEMM with its bias and tanh GELU in the GEMM's epilogue: one kernel, not two.
 
-Measured on H200 (torch 2.11, cuBLAS 13; docs/results/h200x2/kernels/): OFF by default
+Measured on H200 (torch 2.11+cu130; docs/results/h200x2/kernels/): OFF by default
 (GPT2Forward's `mlp_epilogue`), kept for gpu_profile.py --mlp-epilogue. cuBLASLt's GELU
-epilogue is not the exact tanh GELU: in fp32 its error against float64 is ~10x what
+epilogue is not the exact tanh GELU: in fp32 its error against float64 is 5-10x what
 rounding alone gives (5.5e-6 against 5.5e-7 for one c_fc; 1.8e-5 against 3.8e-6 over a
 decode), so it would break the fp32 exactness the project keeps. And it bought no time:
 the gpt2 step with it had 12 kernels fewer (the GELU) and was as fast within noise. torch
@@ -10,7 +10,7 @@ the gpt2 step with it had 12 kernels fewer (the GELU) and was as fast within noi
 below is that of the newer source read, not of the device's build.
 
 `torch._addmm_activation(bias, x, W, use_gelu=True)` asks cuBLASLt for its GELU_BIAS
-epilogue, the tanh approximation GPT-2's gelu_new is. Where it is taken, the c_fc GEMM,
+epilogue, meant as the tanh GELU GPT-2's gelu_new is (close to it, not equal: above). Where it is taken, the c_fc GEMM,
 its bias and the GELU are one kernel, and the GELU acts on the fp32 accumulator before the
 one rounding to fp16/bf16 (the unfused path rounds twice: after the GEMM and after the GELU).
 
@@ -26,14 +26,11 @@ x [rows, in] and Conv1D's W [in, out] both row-major, so cuBLAS sees the column-
 problem out^T = W^T x^T without transposes and the bias runs along the output features,
 as Lt's bias epilogue wants; no weight layout change is needed.
 
-Batch 1 fails `mat1.size(0) > 1`. ATen then takes its plain GEMM path: it copies the
-bias into the result (a broadcast copy kernel), runs the GEMM with beta = 1, and applies
-`gelu_(result, "tanh")` in place: three kernels, the same three (and the same values) as
-addmm + F.gelu. The same rule makes every plain `addmm` of a batch-1 decode step two
-kernels (bias copy + GEMM) where a batch of 2 gets one Lt kernel with the bias in its
-epilogue. What would take it at batch 1: running the step with at least 2 rows (a padding
-row: the decode runner's smallest bucket 2), which costs a GEMV-bound GEMM nothing extra
-and saves 4 bias copies + 1 GELU per layer (decode_runner.py does not do this yet).
+That row rule is the newer source's. On the device's torch 2.11 ATen takes the Lt path at
+one row too: `_addmm_activation` ran one `nvjet_..._gelubias` kernel there, and a plain
+addmm's bias was inside its GEMM kernel at batch 1 (gpu_profile.py --kernels). So
+`takes_lt_epilogue` is conservative on 2.11 (unfused at one row, where Lt would fuse); as
+the epilogue is off, that costs nothing.
 
 Under torch.compile, Inductor keeps aten._addmm_activation as a fallback (extern) kernel
 (torch/_inductor/lowering.py: `make_fallback(aten._addmm_activation)`; it is not in
@@ -57,16 +54,17 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def takes_lt_epilogue(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ATen would run addmm(bias, x, weight) through cuBLASLt's epilogue: CUDA and no
-    dimension of 1 (the layout, dtype and bias conditions hold for GPT2Forward's tensors)."""
+    """Whether the newer ATen source would run addmm(bias, x, weight) through cuBLASLt's
+    epilogue: CUDA and no dimension of 1 (the layout, dtype and bias conditions hold for
+    GPT2Forward's tensors). torch 2.11 takes it at one row as well (module docstring)."""
     return x.is_cuda and x.shape[0] > 1 and x.shape[1] > 1 and weight.shape[1] > 1
 
 
 def bias_tanh_gelu(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x @ weight + bias): in the GEMM's epilogue where cuBLASLt takes it, else unfused.
 
-    Unfused where Lt would not take it: at batch 1 `_addmm_activation` would run the same
-    three kernels, and under Inductor the unfused form may still fuse the GELU with the bias."""
+    Unfused where the newer source's Lt rule would not take it (one row); under Inductor the
+    unfused form may still fuse the GELU with the bias."""
     if takes_lt_epilogue(x, weight):
         return torch._addmm_activation(bias, x, weight, use_gelu=True)
     return F.gelu(torch.addmm(bias, x, weight), approximate="tanh")
