@@ -123,7 +123,7 @@ for kv in ${SERVE_TP_ARGS:-}; do SERVE="$SERVE --serve-tp-arg $kv"; done
 T=${RUN_TAG:-}
 if ! skip SKIP_FIXED; then
   echo "== benchmark, fixed: serve_tp and one-process HF generate, greedy and sampled"
-  timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
+  timeout 360 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets ${FIXED_TARGETS:-serve_tp,hf} $SERVE \
      --concurrency ${LEVELS:-1,32,128} --requests-per-client ${RPC:-16} --out "$R" --out-name fixed_serve_tp_hf$T 2>&1 \
      | grep -v "$QUIET" | tail -30
 fi
@@ -140,7 +140,7 @@ if ! skip SKIP_LAYOUT; then
   echo "== TP or replicas: TP=2 x 1 replica vs TP=1 x 2 replicas, same GPUs, fixed workload"
   for layout in "2 1" "1 2"; do
     set -- $layout
-    timeout 240 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
+    timeout 300 python3 benchmarks/bench_serving.py --model $M --tensor-parallel-size $1 --device cuda --level-timeout-s 30 \
       --client-processes ${CLIENT_PROCS:-auto} \
       --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
       --serve-tp-arg num_replicas=$2 --concurrency ${LAYOUT_LEVELS:-1,32,128} --requests-per-client ${RPC:-16} \
@@ -156,7 +156,7 @@ fi
 if [ -n "${API_REPLICAS:-}" ]; then
   echo "== HTTP replicas per TP group (api_replicas): $API_REPLICAS, fixed workload, TP=${TP:-2}"
   for n in $API_REPLICAS; do
-    timeout 280 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
+    timeout 300 $B --workload fixed --sampling greedy,sampled --prompt-tokens 32 --max-tokens 64 --targets serve_tp $SERVE \
       --serve-tp-arg api_replicas=$n --concurrency ${API_LEVELS:-1,32,128} --requests-per-client ${RPC:-16} \
       --out "$R" --out-name api_replicas_$n 2>&1 | grep -v "$QUIET" | grep "^| serve_tp\|Error\|error" | tail -8
   done
