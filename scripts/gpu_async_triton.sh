@@ -8,14 +8,7 @@
 #    kernels per step
 # 3. the fixed serving benchmark behind HAProxy, synchronous (async_scheduling=false), then async
 # Each part is bounded by what is left of BUDGET_S, so the call returns its files.
-set -uo pipefail
-source .whl/install.sh >/dev/null 2>&1; export SERVE_TP_WHEELS_INSTALLED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-570}
-left() { echo $(( BUDGET_S - SECONDS - ${1:-0} )); }
-nvidia-smi -L
+source scripts/device_call.sh
 M=models/tiny-gpt2
 [ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
 echo "== tests ($(left) s left)"
