@@ -164,7 +164,8 @@ class ServeTPConfig(BaseModel):
         "stream_batching_interval_ms, 50 there). A sequence's first output and its end are never "
         "held back. 0 (default): no pacing; a chunk still carries every output that queued while "
         "the previous one was sent. On CPU, 50 ms cut chunks 2-4x at 16-64 users with tokens/s "
-        "within noise (BENCHMARKS.md, 'Where the time goes on the HTTP path')."
+        "within noise (BENCHMARKS.md, 'Where the time goes on the HTTP path'); on one H200 it raised TTFT "
+        "and cost 9% of tokens/s at 128 users (BENCHMARKS.md, fourth session)."
     )
     stream_batching_min_streams: int = Field(
         8, ge=1, description="Sequences in flight on the replica from which stream batching applies; "
