@@ -97,11 +97,21 @@ def _describe_nodes(nodes: list[Resources]) -> str:
     return f"{len(nodes)} node(s): " + "; ".join(_describe(node) or "no CPU" for node in shown)
 
 
-def check_cluster_fits(bundles: list[Resources], strategy: str, view: Optional[ClusterView]) -> None:
-    """Raise PlacementError, naming bundles, cluster and the fix, if the group can never fit."""
+def check_cluster_fits(bundles: list[Resources], strategy: str, view: Optional[ClusterView],
+                       anywhere: Optional[list[Resources]] = None) -> None:
+    """Raise PlacementError, naming bundles, cluster and the fix, if the group can never fit.
+
+    `anywhere`: actors placed outside the group, on any node (api_replicas' HTTP replicas):
+    the cluster must hold them beside it, counted in its totals."""
     if view is None or not view.nodes:
         return
     shortfall = placement_shortfall(bundles, strategy, view.nodes)
+    if shortfall is None and anywhere:
+        need, have = _total(bundles + anywhere), _total(view.nodes)
+        short = {name: amount for name, amount in need.items() if have.get(name, 0.0) < amount}
+        if short:
+            shortfall = (f"with its {len(anywhere)} HTTP replicas ({_describe(_total(anywhere))}) beside it the "
+                         f"whole cluster has less than the {_describe(short)} they need")
     if shortfall is None:
         return
     if view.can_grow:

@@ -129,3 +129,11 @@ def test_a_caller_not_yet_connected_outside_serve_run_is_not_judged(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RAY_TMPDIR": str(tmp_path)})
     assert "VIEW None" in out.stdout, out.stdout + out.stderr
+
+
+def test_http_replicas_of_api_replicas_count_beside_the_group():
+    group = [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]  # the owner + 2 ranks
+    cluster = ClusterView([{"CPU": 4.0}], False, "the Ray cluster at x:1")
+    check_cluster_fits(group, "STRICT_PACK", cluster, [{"CPU": 1.0}])  # 3 + 1 of 4
+    with pytest.raises(PlacementError, match="2 HTTP replicas"):
+        check_cluster_fits(group, "STRICT_PACK", cluster, [{"CPU": 1.0}] * 2)  # 3 + 2 of 4

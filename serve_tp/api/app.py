@@ -119,7 +119,9 @@ def build_app(args: dict[str, Any]) -> Application:
     options = deployment_options(config, device)
     if not config.wait_for_resources:
         try:
-            check_cluster_fits(options["placement_group_bundles"], config.placement_strategy, observe_cluster())
+            http_replicas = [{"CPU": config.replica_cpus}] * config.api_replicas if config.api_replicas > 1 else None
+            check_cluster_fits(options["placement_group_bundles"], config.placement_strategy, observe_cluster(),
+                               http_replicas)
         except PlacementError as exc:
             raise ConfigError(str(exc)) from None
     logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
