@@ -85,3 +85,20 @@ def test_serve_backstop_answers_with_the_same_status_and_retry_after():
     assert options["backpressure_config"].retry_after_s == 2
     assert backpressure_options(parse_config({"max_ongoing_requests": 8, "max_queued_requests": -1})) == {
         "max_ongoing_requests": 8, "max_queued_requests": -1}
+
+
+def test_a_shared_limit_says_it_is_a_share():
+    """api_replicas: each HTTP replica holds 1/N of the group's limits, and its refusal says so."""
+    async def scenario():
+        admission = Admission(max_running=1, max_waiting=0, status=503, retry_after_s=1, sharers=4)
+        release = asyncio.Event()
+        task = asyncio.create_task(hold(admission, release))
+        await asyncio.sleep(0)
+        with pytest.raises(APIError) as refused:
+            admission.check()
+        release.set()
+        await task
+        return refused.value
+
+    err = asyncio.run(scenario())
+    assert "max_ongoing_requests=1" in err.message and "1/4 of the group's limits" in err.message

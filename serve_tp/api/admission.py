@@ -28,11 +28,13 @@ class Admission:
     """At most `max_running` requests generate at once; at most `max_waiting` wait for a
     turn (-1: no bound); beyond that `check` raises `overloaded`."""
 
-    def __init__(self, max_running: int, max_waiting: int, status: int, retry_after_s: int):
+    def __init__(self, max_running: int, max_waiting: int, status: int, retry_after_s: int, sharers: int = 1):
+        """`sharers`: HTTP replicas splitting one group's limits (api_replicas); these are one share."""
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
         self.max_running, self.max_waiting = max_running, max_waiting
         self.status, self.retry_after_s = status, retry_after_s
+        self.sharers = sharers
         self.running = 0
         self.waiting = 0
         self.refused = 0
@@ -49,10 +51,15 @@ class Admission:
             raise APIError(
                 self.status,
                 f"the server is overloaded: {self.running} requests running (max_ongoing_requests="
-                f"{self.max_running}) and {self.waiting} waiting (max_queued_requests={self.max_waiting}); "
-                f"retry after {self.retry_after_s}s",
+                f"{self.max_running}) and {self.waiting} waiting (max_queued_requests={self.max_waiting})"
+                f"{self._share_note()}; retry after {self.retry_after_s}s",
                 code="overloaded", headers={"Retry-After": str(self.retry_after_s)},
             )
+
+    def _share_note(self) -> str:
+        if self.sharers == 1:
+            return ""
+        return f", this HTTP replica's share: 1/{self.sharers} of the group's limits (api_replicas)"
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:

@@ -124,10 +124,12 @@ def build_app(args: dict[str, Any]) -> Application:
                                http_replicas)
         except PlacementError as exc:
             raise ConfigError(str(exc)) from None
-    logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
     settings = config.model_dump(mode="json")
     if config.api_replicas == 1:
+        logger.info("serve_tp: %s on %s, options %s", config.model, device, options)
         return InferenceDeployment.options(**options).bind(settings, device, api_key_digest())
+    http_options = api_deployment_options(config)
+    logger.info("serve_tp: %s on %s, group options %s, %d HTTP replicas' options %s", config.model, device,
+                options, config.api_replicas, http_options)
     groups = TPGroupDeployment.options(**options).bind(settings, device)
-    return InferenceDeployment.options(**api_deployment_options(config)).bind(
-        settings, device, api_key_digest(), groups)
+    return InferenceDeployment.options(**http_options).bind(settings, device, api_key_digest(), groups)

@@ -150,7 +150,7 @@ class InferenceDeployment:
         self.service = CompletionService(self.config, self.tokenizer, self.context_length, self.group)
         max_running, max_waiting = self.config.api_replica_limits()
         self.admission = Admission(max_running, max_waiting, self.config.overload_status_code,
-                                   self.config.overload_retry_after_s)
+                                   self.config.overload_retry_after_s, sharers=self.config.api_replicas)
         self.created = int(time.time())
         logger.info(json.dumps({
             "event": "replica_started", "model": self.config.model, "served_as": self.config.model_name,
