@@ -231,7 +231,12 @@ def test_a_client_that_left_with_nothing_running_is_dropped_without_a_cancel(ran
         stream = idle.generate(SequenceRequest("closed", prompt, greedy(50)))
         await stream.__anext__()
         await stream.aclose()  # the client left mid-stream: its group cancels it (tp_group.cancel)
-        await asyncio.sleep(0.2)  # the 'cancelled' end lands in "idle"'s box; "idle" polls no more
+        box = rank0.worker._outboxes["idle"]
+        deadline = time.monotonic() + 30
+        while box.running and time.monotonic() < deadline:  # until the 'cancelled' end lands in its box
+            await asyncio.sleep(0.01)
+        assert not box.running
+        await asyncio.sleep(0.1)  # "idle" polls no more: idle past ABANDONED_AFTER_S
         await rank0.worker.poll(0.01, "other")
         await rank0.worker.poll(0.01, "other")  # its previous poll was recent: it sweeps
 
