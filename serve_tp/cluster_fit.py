@@ -107,9 +107,11 @@ def check_cluster_fits(bundles: list[Resources], strategy: str, view: Optional[C
         return
     shortfall = placement_shortfall(bundles, strategy, view.nodes)
     if shortfall is None and anywhere:
+        if not all(any(_fits(actor, node) for node in view.nodes) for actor in anywhere):
+            shortfall = f"no node can hold one of its HTTP replicas ({_describe(anywhere[0])})"
         need, have = _total(bundles + anywhere), _total(view.nodes)
         short = {name: amount for name, amount in need.items() if have.get(name, 0.0) < amount}
-        if short:
+        if short and shortfall is None:
             shortfall = (f"with its {len(anywhere)} HTTP replicas ({_describe(_total(anywhere))}) beside it the "
                          f"whole cluster has less than the {_describe(short)} they need")
     if shortfall is None:

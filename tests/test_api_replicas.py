@@ -98,8 +98,10 @@ def test_a_killed_rank_heals_the_group_and_every_http_replica(split_url):
     assert r.status_code in (503, 504), r.text  # never a hang, never a 200 with garbage
     wait_for_new_group(split_url, old_pids)
 
+    deadline = time.monotonic() + 180
+
     def bound_to():  # (the HTTP replica that answered, its group's rank pids), from one response
-        while True:
+        while time.monotonic() < deadline:
             try:
                 r = httpx.get(f"{split_url}/health", timeout=10)
                 if "x-serve-tp-replica" in r.headers:
@@ -107,10 +109,11 @@ def test_a_killed_rank_heals_the_group_and_every_http_replica(split_url):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        else:
+            raise TimeoutError("no HTTP replica answered /health within 180 s of the new group")
         pids = frozenset(rank["pid"] for rank in r.json()["ranks"]) if r.status_code == 200 else None
         return r.headers.get("x-serve-tp-replica"), pids
 
-    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         seen = until_both(bound_to, tries=10)
         healed = {replica: pids[-1] for replica, pids in seen.items()}

@@ -137,3 +137,6 @@ def test_http_replicas_of_api_replicas_count_beside_the_group():
     check_cluster_fits(group, "STRICT_PACK", cluster, [{"CPU": 1.0}])  # 3 + 1 of 4
     with pytest.raises(PlacementError, match="2 HTTP replicas"):
         check_cluster_fits(group, "STRICT_PACK", cluster, [{"CPU": 1.0}] * 2)  # 3 + 2 of 4
+    two_nodes = ClusterView([{"CPU": 4.0}, {"CPU": 4.0}], False, "c")
+    with pytest.raises(PlacementError, match="no node can hold one of its HTTP replicas"):
+        check_cluster_fits(group, "STRICT_PACK", two_nodes, [{"CPU": 5.0}])  # 8 in all, 4 a node

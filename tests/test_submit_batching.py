@@ -201,6 +201,8 @@ def test_a_client_that_stops_polling_has_its_sequences_cancelled(rank0, model_an
         deadline = time.monotonic() + 30
         while not cancelled and time.monotonic() < deadline:
             await rank0.worker.poll(0.01, "live")  # a live client's polls run the sweep
+        await asyncio.sleep(0.1)
+        await rank0.worker.poll(0.0, "live")  # a second sweep: the box stays for its ends, none re-cancelled
         late = {}  # had "gone" only been slow, its next polls bring the orphan's end: it fails, not hangs
         while "orphan" not in late or late["orphan"].finish_reason is None:
             late.update(unpack(await rank0.worker.poll(1.0, "gone")))
@@ -237,10 +239,38 @@ def test_a_client_that_left_with_nothing_running_is_dropped_without_a_cancel(ran
             await asyncio.sleep(0.01)
         assert not box.running
         await asyncio.sleep(0.1)  # "idle" polls no more: idle past ABANDONED_AFTER_S
-        await rank0.worker.poll(0.01, "other")
-        await rank0.worker.poll(0.01, "other")  # its previous poll was recent: it sweeps
+        await rank0.worker.poll(0.01, "other")  # its poll sweeps
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert "idle" not in rank0.worker._outboxes
     assert cancelled == []  # the worker's sweep cancelled nothing (the group's own cancel went by rank0.cancel)
     assert rank0.cancel.calls == [("closed",)]
+
+
+def test_no_client_is_judged_right_after_a_gap_that_may_have_been_a_stall(rank0, model_and_tokenizer,  # noqa: F811
+                                                                            monkeypatch):
+    """After the actor's calls stop for LOOP_STALL_S (a stalled loop queues every client's polls),
+    the first poll to run must not cancel a client whose own poll is still queued."""
+    from serve_tp.engine import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "ABANDONED_AFTER_S", 0.05)
+    monkeypatch.setattr(worker_module, "LOOP_STALL_S", 0.3)
+    model_dir, tokenizer = model_and_tokenizer
+    prompt = tuple(tokenizer.encode("Once upon a time"))
+    engine = rank0.worker.engine
+    cancelled = []
+    cancel = rank0.worker.cancel
+    monkeypatch.setattr(rank0.worker, "cancel", lambda seq_id: (cancelled.append(seq_id), cancel(seq_id)))
+
+    async def main():
+        await group_with(rank0, "a")._submit({"a-long": SequenceRequest("a-long", prompt, greedy(200))})
+        await asyncio.sleep(0.5)  # no call reaches the actor: as if its loop had stalled
+        await rank0.worker.poll(0.0, "b")  # first after the gap: judges no one
+        judged_early = list(cancelled)
+        await rank0.worker.poll(0.0, "a")  # "a"'s queued poll: alive
+        cancel("a-long")
+        return judged_early
+
+    judged_early = asyncio.run(asyncio.wait_for(main(), 60))
+    assert judged_early == [] and cancelled == []
+    assert _drains(engine)

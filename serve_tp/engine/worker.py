@@ -21,8 +21,11 @@ logger = logging.getLogger(__name__)
 # A client with sequences running that has not polled for this long is gone: a live one
 # polls at least every 0.5 s (tp_group.POLL_TIMEOUT_S) while it has any in flight.
 ABANDONED_AFTER_S = 30.0
-# A poll whose own client last polled longer ago than this may have waited behind a stalled
-# event loop, as every other client's may have: it judges no one.
+# A client whose sequences the sweep cancelled keeps its box this long, so a client that was
+# only slow still reads their 'cancelled' ends.
+SWEPT_KEPT_S = 60.0
+# A gap this long between any two submit/poll calls means the actor's event loop may have
+# stalled, every client's calls queued behind it: no one is judged for this long after it.
 LOOP_STALL_S = 5.0
 
 
@@ -36,6 +39,7 @@ class ClientOutbox:
         self.signalled = False  # `ready` was set since the last drain (the engine thread sets it once)
         self.ready = asyncio.Event()
         self.polled_at = time.monotonic()  # its last poll or submit
+        self.swept_at: Optional[float] = None  # when the sweep cancelled its running sequences
 
 
 class InferenceWorker:
@@ -53,6 +57,8 @@ class InferenceWorker:
         self._outboxes: dict[str, ClientOutbox] = {}
         self._outbox_lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._last_call_at: Optional[float] = None  # the last submit/poll of any client (rank 0)
+        self._judge_after = 0.0  # no sweep before this (after a gap that may have been a stall)
         self.submit_calls = 0  # rank 0: `submit` calls, and the sequences they carried (batching's
         self.submitted = 0  # effect, seen in /health: sequences_submitted / submit_calls a call)
 
@@ -97,15 +103,30 @@ class InferenceWorker:
         self.submit_calls += 1
         self.submitted += len(requests)
         box = self._outbox_of(client)
-        box.polled_at = time.monotonic()
+        box.polled_at = self._called()
+        seq_ids = [request.seq_id for request in requests]
         with self._outbox_lock:
-            box.running.update(request.seq_id for request in requests)
+            box.running.update(seq_ids)
         arrivals = [(request, partial(self._post, box, request.seq_id)) for request in requests]
-        # A failed engine raises here, failing the whole call: the group is down (503 for all).
-        refused = self.engine.submit_many(arrivals)
+        try:
+            # A failed engine raises here, failing the whole call: the group is down (503 for all).
+            refused = self.engine.submit_many(arrivals)
+        except BaseException:
+            with self._outbox_lock:
+                box.running.difference_update(seq_ids)
+            raise
         with self._outbox_lock:
             box.running.difference_update(refused)
         return pack(refused)
+
+    def _called(self) -> float:
+        """Now; after a gap in submit/poll calls long enough to have been a stalled loop, the
+        sweep waits LOOP_STALL_S more, so the calls queued behind the stall run first."""
+        now = time.monotonic()
+        if self._last_call_at is not None and now - self._last_call_at > LOOP_STALL_S:
+            self._judge_after = now + LOOP_STALL_S
+        self._last_call_at = now
+        return now
 
     def _outbox_of(self, client: str) -> "ClientOutbox":
         """`client`'s outbox, made on its first call (on the actor's event loop)."""
@@ -136,10 +157,10 @@ class InferenceWorker:
         Ray round trip per step instead of one per token per sequence.
         """
         box = self._outbox_of(client)
-        now = time.monotonic()
-        if now - box.polled_at < LOOP_STALL_S:  # this loop has been running: its clock can judge the others
+        now = box.polled_at = self._called()
+        box.swept_at = None  # it polls: alive
+        if now >= self._judge_after:
             self._drop_abandoned(now)
-        box.polled_at = now
         try:
             await asyncio.wait_for(box.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
@@ -158,22 +179,27 @@ class InferenceWorker:
 
     def _drop_abandoned(self, now: float) -> None:
         """Cancel the running sequences of a client that has stopped polling (its HTTP replica
-        died or was replaced): they would decode to max_tokens for no one. Its box stays, so
-        if it was only slow it still reads their 'cancelled' ends (its requests fail, not
-        hang). A box with nothing running, idle as long, is dropped without a word: its
-        client has left, or will get a new box with its next submit."""
+        died or was replaced): they would decode to max_tokens for no one. Its box stays for
+        SWEPT_KEPT_S, so a client that was only slow still reads their 'cancelled' ends (its
+        requests fail, not hang). A box with nothing running, idle as long, is dropped without
+        a word: its client has left, or gets a new box with its next submit. (Run from polls:
+        a dead client's sequences wait for another client's traffic to be cancelled.)"""
         for client, box in list(self._outboxes.items()):
             idle = now - box.polled_at
             if idle <= ABANDONED_AFTER_S:
                 continue
             with self._outbox_lock:
-                abandoned, box.running = sorted(box.running), set()
-            if not abandoned:
-                del self._outboxes[client]
+                running = sorted(box.running)
+            if not running:
+                if box.swept_at is None or now - box.swept_at > SWEPT_KEPT_S:
+                    del self._outboxes[client]
                 continue
+            if box.swept_at is not None:
+                continue  # cancelled already: their ends are on the way
+            box.swept_at = now
             logger.warning("client %r has not polled for %.0f s: cancelling its %d running sequences",
-                           client, idle, len(abandoned))
-            for seq_id in abandoned:
+                           client, idle, len(running))
+            for seq_id in running:
                 self.cancel(seq_id)
 
     def cancel(self, seq_id: str) -> None:
