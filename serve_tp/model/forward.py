@@ -82,7 +82,7 @@ class GPT2Forward:
         self.lm_head = shard.vocab_projection
         self.act = _activation(shard.config.activation_function)
         # c_fc's bias + tanh GELU in cuBLASLt's GEMM epilogue (epilogue.py): off by default, as
-        # on H200 it was neither exact (10x fp32 rounding) nor faster; gpu_profile --mlp-epilogue
+        # on H200 it was neither exact (5-10x fp32 rounding) nor faster; gpu_profile --mlp-epilogue
         self.mlp_epilogue = mlp_epilogue and shard.config.activation_function in TANH_GELU
         self.device, self.dtype = shard.device, shard.dtype
         self.blocks: list[BlockShard] = list(shard.blocks)
