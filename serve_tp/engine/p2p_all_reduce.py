@@ -1,0 +1,224 @@
+"""The decode step's all-reduce as one Triton kernel over peer memory: vLLM's custom all-reduce, ours.
+
+Inside a CUDA graph NCCL takes 10.5-17 µs per small all-reduce (docs/results/h200x2/
+allreduce.md), and a TP=2 decode step runs two a layer: for gpt2-large, 72 of them cost about
+what halving the weights saves. torch's symmetric-memory one-shot reads peers over NVLink in
+6.7-9 µs but sums no fp16, and staging into float32 cost more kernels than it saved
+(fast_all_reduce.py). This kernel does the whole sum in one launch, in the model's dtype:
+
+1. the row-parallel GEMM writes this rank's partial straight into this rank's symmetric
+   buffer (`target`); any other caller's partial is copied in by the kernel itself;
+2. every program raises a flag in each peer's signal pad and waits for each peer's flag in
+   its own, then a CTA-wide barrier, so every thread's loads come after the flags;
+3. it loads its share from every rank's buffer, in rank order, sums in float32, rounds
+   once to the model's dtype, adds the residual when given (rounded once more, as the eager
+   `h + s` does), and writes the result.
+
+Memory order: when the GEMM published the partial, it did so in an earlier kernel, whose
+writes are in its GPU's memory before this kernel starts: relaxed flags suffice (vLLM's
+custom all-reduce and torch's symmetric-memory kernels rely on the same). When the kernel
+copies the partial in itself, the flag is raised with release semantics after a CTA-wide
+barrier and taken with acquire, so the copy is visible to the peer that reads it. Peers'
+buffers are read past L1 (`.cg`).
+
+Exactness: at TP=2 the float32 sum of two fp16/bf16 values is exact, so rounding it once is
+NCCL's correctly rounded two-rank sum, bit for bit (tests/test_gpu.py checks logits at every
+step); fp32 a + b is one rounding, as NCCL's. With more ranks every rank sums in the same
+order, so the ranks agree with each other (lockstep), within one rounding of NCCL.
+
+Flags, not counters: a flag is set 0 -> 1 by its sender with a release compare-and-swap (the
+sender spins while the previous call's flag is still unread) and reset 1 -> 0 by its
+receiver with an acquire compare-and-swap, so the zero-filled pads return to zero after every
+call and a captured graph needs no value from the host. Pads are indexed by program and
+sender: program p of every rank meets only program p of its peers, and the grid is the same
+on every rank for a given shape.
+
+Two buffer slots, no closing barrier: the decode step's attention sums use slot 0 and its MLP
+sums slot 1, so consecutive calls alternate. A rank writes slot s again (its GEMM, or the
+kernel's copy) only two calls later, after passing the middle call's flags, which a peer
+raises only once it has finished the kernel that read slot s (kernels on one stream run in
+order). Prefill keeps NCCL, and never touches these buffers.
+
+NVLink multicast stays off: the peers' buffers are plain P2P mappings made by torch's
+symmetric memory (CUDA backend, `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` set in every rank), read
+with ordinary loads; no multimem instruction exists here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs never build this path
+    triton = tl = None
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 2  # attention sums in slot 0, MLP sums in slot 1 (the module docstring says why two)
+# Decode steps of more rows go to NCCL (the same on every rank: rows are). On 2xH200 this kernel
+# took 3.8-6.9 µs against NCCL's 11-13 up to 32 rows, but lost at 256 (docs/results/h200x2/p2p/),
+# and decode steps of 128 rows of gpt2-large/xl were 9-12% slower over it.
+MAX_ROWS = 32
+BLOCK = 1024  # elements per program per pass: 8 fp16 (16 bytes) per thread at 4 warps
+NUM_WARPS = 4
+MAX_PROGRAMS = 64  # programs per call; more rows loop. Each spins on its own flag, so every
+# program must be resident at once: 64 small CTAs fit H100/H200's 132 SMs with room to spare
+PAD_WORDS_NEEDED = MAX_PROGRAMS  # flags per sender: one per program
+
+
+def unavailable(device: torch.device) -> Optional[str]:
+    """Why this rank cannot run the kernel (None: it can try)."""
+    if device.type != "cuda":
+        return f"device is {device.type}"
+    if triton is None:
+        return "the triton package is not installed"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as exc:
+        return f"torch has no symmetric memory: {exc}"
+    return None
+
+
+def programs_for(elements: int) -> int:
+    """The grid of one call: enough programs for one pass, at most MAX_PROGRAMS."""
+    return max(1, min(MAX_PROGRAMS, -(-elements // BLOCK)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _raise_flag(flag_ptr, SEM: tl.constexpr):
+        """Set a peer's flag 0 -> 1 (with SEM "release": after this program's earlier stores);
+        spin while the peer has not yet reset the previous call's flag."""
+        old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
+        while old != 0:
+            old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
+
+    @triton.jit
+    def _take_flag(flag_ptr, SEM: tl.constexpr):
+        """Wait for a peer's flag in this rank's pad and reset it 1 -> 0 (with SEM "acquire":
+        before this program's later loads)."""
+        old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
+        while old != 1:
+            old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
+
+    @triton.jit
+    def _one_shot_kernel(partial_ptr, residual_ptr, out_ptr, buffer_ptrs, pad_ptrs, n, slot_offset,
+                         RANK: tl.constexpr, WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         PUBLISHED: tl.constexpr, BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        stride = tl.num_programs(0) * BLOCK
+        element = partial_ptr.dtype.element_ty
+        if not PUBLISHED:  # 1. copy this rank's share into its buffer, then release it
+            mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(element)) + slot_offset
+            for start in range(program * BLOCK, n, stride):
+                offsets = start + tl.arange(0, BLOCK)
+                inside = offsets < n
+                tl.store(mine + offsets, tl.load(partial_ptr + offsets, mask=inside), mask=inside)
+            tl.debug_barrier()  # every thread's stores precede the flag's release
+        own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
+        for peer in tl.static_range(WORLD):  # 2. flags: raise in each peer's pad...
+            if peer != RANK:
+                pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
+                if PUBLISHED:
+                    _raise_flag(pad + program * WORLD + RANK, "relaxed")
+                else:
+                    _raise_flag(pad + program * WORLD + RANK, "release")
+        for peer in tl.static_range(WORLD):  # ...then take each peer's from this rank's
+            if peer != RANK:
+                if PUBLISHED:
+                    _take_flag(own_pad + program * WORLD + peer, "relaxed")
+                else:
+                    _take_flag(own_pad + program * WORLD + peer, "acquire")
+        tl.debug_barrier()  # every thread's loads follow the flags
+        for start in range(program * BLOCK, n, stride):  # 3. the sum, in rank order
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < n
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for source in tl.static_range(WORLD):
+                if source == RANK:
+                    total += tl.load(partial_ptr + offsets, mask=inside).to(tl.float32)
+                else:
+                    theirs = tl.load(buffer_ptrs + source).to(tl.pointer_type(element)) + slot_offset
+                    total += tl.load(theirs + offsets, mask=inside, cache_modifier=".cg").to(tl.float32)
+            result = total.to(element)
+            if HAS_RESIDUAL:
+                residual = tl.load(residual_ptr + offsets, mask=inside).to(tl.float32)
+                result = (residual + result.to(tl.float32)).to(element)
+            tl.store(out_ptr + offsets, result, mask=inside)
+
+
+class P2PAllReduce:
+    """One-kernel all-reduce of up to `elements` values a call, in the model's dtype.
+
+    `__call__(partial, slot=..., residual=h)` returns h + the sum over the ranks (or the sum
+    alone), in a new tensor. Callers alternate slots from call to call (the decode step does:
+    attention 0, MLP 1), which is what lets a rank reuse a slot without a closing barrier.
+    """
+
+    kind = "p2p"
+
+    def __init__(self, group, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                 elements: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        try:
+            symm_mem.set_backend("CUDA")  # peer pointers over NVLink, not NVSHMEM
+        except Exception as exc:  # older torch has one backend only
+            logger.debug("symm_mem.set_backend: %s", exc)
+        self.rank, self.world_size, self.elements = rank, world_size, elements
+        self.dtype = self.model_dtype = dtype  # sums in the model's own dtype: no staging
+        self.buffer = symm_mem.empty(SLOTS * elements, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(self.buffer, group.group_name)  # collective
+        if getattr(handle, "multicast_ptr", 0):
+            logger.warning("symmetric buffer has a multicast address although multicast is off; "
+                           "this kernel never uses it")
+        pad_words = handle.signal_pad_size // 4
+        if pad_words < PAD_WORDS_NEEDED * world_size:
+            raise RuntimeError(f"signal pad holds {pad_words} flags, the kernel needs {PAD_WORDS_NEEDED * world_size}")
+        # The peers' addresses, as this process maps them, in a device table the kernel reads:
+        # passed as tensors, a peer's memory fails Triton's launch-time pointer check.
+        self.buffer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        self.pad_ptrs = torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device)
+        self.handle = handle  # keeps the mappings alive
+
+    @property
+    def description(self) -> str:
+        return f"p2p one-shot ({str(self.dtype).removeprefix('torch.')}, Triton)"
+
+    def fits(self, rows: int, width: int) -> bool:
+        return rows * width <= self.elements
+
+    def target(self, rows: int, width: int, slot: int = 0) -> Optional[torch.Tensor]:
+        """Where the GEMM writes its partial for a call on `slot`: that slot of this rank's
+        symmetric buffer, which the peers read without a copy."""
+        start = (slot % SLOTS) * self.elements
+        return self.buffer[start: start + rows * width].view(rows, width)
+
+    def __call__(self, partial: torch.Tensor, cast: bool = True, residual: Optional[torch.Tensor] = None,
+                 slot: int = 0) -> torch.Tensor:
+        """residual + the sum of every rank's `partial` (the sum alone without a residual).
+        `cast` is moot: the sum is already in the model's dtype."""
+        if partial.dtype != self.dtype:
+            raise TypeError(f"p2p all-reduce sums {self.dtype}, got {partial.dtype}")
+        n = partial.numel()
+        if n > self.elements:
+            raise ValueError(f"{n} elements exceed the p2p buffer's {self.elements}")
+        partial = partial.contiguous()
+        slot_offset = (slot % SLOTS) * self.elements
+        # the GEMM wrote it in place (target): published by a finished kernel, no copy
+        published = partial.data_ptr() == self.buffer[slot_offset:].data_ptr()
+        out = torch.empty_like(partial)
+        has_residual = residual is not None
+        if has_residual:
+            residual = residual.contiguous()
+        _one_shot_kernel[(programs_for(n),)](
+            partial, residual if has_residual else partial, out, self.buffer_ptrs, self.pad_ptrs, n, slot_offset,
+            RANK=self.rank, WORLD=self.world_size, HAS_RESIDUAL=has_residual, PUBLISHED=published,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return out
