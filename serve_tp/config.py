@@ -16,7 +16,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 CpuAllReduce = Literal["auto", "shm", "gloo"]
 PlanChannel = Literal["auto", "shm", "gloo"]
-GpuAllReduce = Literal["auto", "symm_mem", "nccl"]
+GpuAllReduce = Literal["auto", "p2p", "symm_mem", "nccl"]
 DecodeAttention = Literal["sdpa", "triton"]
 
 
@@ -96,13 +96,15 @@ class ServeTPConfig(BaseModel):
     )
 
     gpu_all_reduce: GpuAllReduce = Field(
-        "nccl", description="How GPU ranks sum inside a decode step (default nccl: on 2xH200 the "
-        "symmetric-memory path made the decode step 20-40% slower inside our graphs, its float32 staging "
-        "adding 4 kernels a layer; docs/gpu.md). auto: torch's symmetric-memory one-shot all-reduce "
-        "(peer loads over NVLink) "
-        "when every rank is on one node and every rank can set it up, else NCCL. symm_mem: that or fail "
-        "at start. nccl: always NCCL. fp16 is summed in float32 and rounded once: bitwise NCCL's sum at "
-        "TP=2, within fp16 rounding above. Prefill always uses NCCL. Ignored on cpu."
+        "nccl", description="How GPU ranks sum inside a decode step. p2p: our one-kernel sum over "
+        "peer memory (serve_tp/engine/p2p_all_reduce.py: each rank publishes its partial in a "
+        "symmetric buffer, flags its peers, reads theirs over NVLink and adds the residual, in the "
+        "model's dtype; bitwise NCCL's sum at TP=2; steps of more than 32 rows sum over NCCL), or fail "
+        "at start. On 2xH200 it made batch-1 steps of gpt2-large/xl 3-10% shorter, larger batches "
+        "no faster (docs/gpu.md), so it is not the default. symm_mem: torch's symmetric-memory "
+        "one-shot (fp16 staged in float32; slower than NCCL in our graphs, docs/gpu.md), or fail. "
+        "auto: p2p when every rank is on one node and every rank can set it up, else NCCL. nccl: "
+        "always NCCL. Prefill always uses NCCL. Ignored on cpu."
     )
 
     wait_for_resources: bool = Field(

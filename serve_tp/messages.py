@@ -44,9 +44,9 @@ class RankSettings:
     # How plans reach the other ranks, resolved by the replica: "shm" only when every rank is
     # on its node (serve_tp/engine/plan_channel.py), else "gloo".
     plan_channel: Literal["shm", "gloo"] = "gloo"
-    # The decode step's all-reduce on cuda, resolved by the replica: "symm_mem" or "auto" only
-    # when every rank is on its node (serve_tp/engine/fast_all_reduce.py), else "nccl".
-    gpu_all_reduce: Literal["auto", "symm_mem", "nccl"] = "nccl"
+    # The decode step's all-reduce on cuda, resolved by the replica: "p2p", "symm_mem" or "auto"
+    # only when every rank is on its node (serve_tp/engine/fast_all_reduce.py), else "nccl".
+    gpu_all_reduce: Literal["auto", "p2p", "symm_mem", "nccl"] = "nccl"
     # torch.compile the decode step's pieces between GEMMs and all-reduces (serve_tp/model/compiled.py)
     compile_decode: bool = False
     # the decode step's K/V write + attention: "sdpa" (index_put + SDPA) or "triton" (one kernel, cuda only)

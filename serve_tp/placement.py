@@ -81,11 +81,12 @@ def resolve_plan_channel(config: ServeTPConfig, device: str, bundle_nodes: Optio
 
 
 def resolve_gpu_all_reduce(config: ServeTPConfig, device: str, bundle_nodes: Optional[dict[int, str]]) -> str:
-    """What the ranks are told about the decode all-reduce: symmetric memory maps peers'
-    GPU memory, so it needs every rank on one node; elsewhere NCCL."""
+    """What the ranks are told about the decode all-reduce: p2p and symm_mem map peers' GPU
+    memory, so they need every rank on one node (refused when asked for by name); elsewhere NCCL."""
     if device != "cuda" or config.gpu_all_reduce == "nccl" or config.tensor_parallel_size == 1:
         return "nccl"
-    return _on_one_node(config, bundle_nodes, "gpu_all_reduce", "symm_mem", "nccl")
+    insisted = "" if config.gpu_all_reduce == "auto" else config.gpu_all_reduce
+    return _on_one_node(config, bundle_nodes, "gpu_all_reduce", insisted, "nccl")
 
 
 def deployment_placement(config: ServeTPConfig, device: str) -> dict:

@@ -35,12 +35,22 @@ def test_buffer_holds_the_largest_decode_step_within_the_cap():
 
 
 def test_path_choice_before_the_vote():
-    assert choose_decode_all_reduce("auto", 1, CPU) == (False, "one rank")
-    assert choose_decode_all_reduce("nccl", 2, CPU) == (False, "gpu_all_reduce=nccl")
-    want, why = choose_decode_all_reduce("auto", 2, CPU)
-    assert not want and "cpu" in why
-    with pytest.raises(RuntimeError, match="gpu_all_reduce=symm_mem"):
-        choose_decode_all_reduce("symm_mem", 2, CPU)
+    assert choose_decode_all_reduce("auto", 1, CPU) == (None, "one rank")
+    assert choose_decode_all_reduce("nccl", 2, CPU) == (None, "gpu_all_reduce=nccl")
+    kind, why = choose_decode_all_reduce("auto", 2, CPU)
+    assert kind is None and "cpu" in why
+    for insisted in ("p2p", "symm_mem"):
+        with pytest.raises(RuntimeError, match=f"gpu_all_reduce={insisted}"):
+            choose_decode_all_reduce(insisted, 2, CPU)
+
+
+def test_p2p_buffer_slot_holds_the_largest_decode_step_in_the_models_dtype():
+    """Two slots share the cap; fp16 is not staged, so a slot holds 2-byte elements."""
+    from serve_tp.engine.fast_all_reduce import SLOTS
+
+    assert buffer_elements(256, 1600, torch.float16, MAX_BUFFER_BYTES // SLOTS, torch.float16) == 256 * 1600
+    assert buffer_elements(4096, 1600, torch.float16, MAX_BUFFER_BYTES // SLOTS, torch.float16) == \
+        MAX_BUFFER_BYTES // SLOTS // 2
 
 
 def test_setup_without_a_group_when_nothing_to_vote_on():
@@ -61,6 +71,7 @@ def test_multicast_stays_off_whatever_was_inherited(monkeypatch):
     ("auto", {1: "a", 2: "a"}, "cuda", "auto"),
     ("auto", {1: "a", 2: "b"}, "cuda", "nccl"),
     ("symm_mem", {1: "a", 2: "a"}, "cuda", "symm_mem"),
+    ("p2p", {1: "a", 2: "a"}, "cuda", "p2p"),
     ("nccl", {1: "a", 2: "a"}, "cuda", "nccl"),
     ("auto", {1: "a", 2: "a"}, "cpu", "nccl"),
 ])
@@ -69,8 +80,9 @@ def test_replica_resolves_the_setting_from_placement(setting, nodes, device, exp
     assert resolve_gpu_all_reduce(config, device, nodes) == expected
 
 
-def test_symm_mem_across_nodes_is_refused_at_build():
-    config = ServeTPConfig(model="gpt2", tensor_parallel_size=2, gpu_all_reduce="symm_mem")
+@pytest.mark.parametrize("setting", ["symm_mem", "p2p"])
+def test_peer_memory_across_nodes_is_refused_at_build(setting):
+    config = ServeTPConfig(model="gpt2", tensor_parallel_size=2, gpu_all_reduce=setting)
     with pytest.raises(ValueError, match="one node"):
         resolve_gpu_all_reduce(config, "cuda", {1: "a", 2: "b"})
 

@@ -34,9 +34,10 @@ class DecodeAllReduce(Protocol):
 
     def fits(self, rows: int, width: int) -> bool: ...
 
-    def target(self, rows: int, width: int) -> Optional[torch.Tensor]: ...
+    def target(self, rows: int, width: int, slot: int = 0) -> Optional[torch.Tensor]: ...
 
-    def __call__(self, partial: torch.Tensor, cast: bool = True) -> torch.Tensor: ...
+    def __call__(self, partial: torch.Tensor, cast: bool = True, residual: Optional[torch.Tensor] = None,
+                 slot: int = 0) -> torch.Tensor: ...
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -114,21 +115,23 @@ class GPT2Forward:
 
     # ---- pieces shared by prefill and decode ----
     def _row_parallel(self, x: torch.Tensor, linear: Conv1DWeights, decode: bool = False,
-                      cast: bool = True) -> torch.Tensor:
-        """x @ W summed over the ranks. Rank 0 adds the bias inside its GEMM, so the sum
-        holds it exactly once without a separate kernel.
+                      cast: bool = True, residual: Optional[torch.Tensor] = None, slot: int = 0) -> torch.Tensor:
+        """x @ W summed over the ranks, plus `residual` when given. Rank 0 adds the bias
+        inside its GEMM, so the sum holds it exactly once without a separate kernel.
 
         In a decode step the sum may go through `decode_all_reduce`, whose result is only
-        valid until its next call (callers add it to the residual at once); `cast=False`
-        leaves it in the dtype it was summed in (float32 for fp16 staging)."""
+        valid until its next call (callers add it to the residual at once, or hand it the
+        residual: the p2p kernel adds it in the same launch); `cast=False` leaves it in the
+        dtype it was summed in (float32 for symm_mem's fp16 staging). `slot`: 0 for the
+        attention sum, 1 for the MLP's, so consecutive calls alternate (p2p_all_reduce.py)."""
         fast = self.decode_all_reduce if decode and self.world_size > 1 else None
         rows, width = x.shape[0], linear.weight.shape[1]
         if fast is not None and fast.fits(rows, width):
-            return fast(self._project(x, linear, fast.target(rows, width)), cast)
+            return fast(self._project(x, linear, fast.target(rows, width, slot)), cast, residual=residual, slot=slot)
         out = self._project(x, linear)
         if self.world_size > 1:
             self.all_reduce(out)
-        return out
+        return out if residual is None else residual + out
 
     def _project(self, x: torch.Tensor, linear: Conv1DWeights, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's partial x @ W (+ bias on rank 0), into `out` when given."""
@@ -141,7 +144,7 @@ class GPT2Forward:
             x = bias_tanh_gelu(block.c_fc.bias, block.ln_2(h), block.c_fc.weight)
         else:
             x = self.act(torch.addmm(block.c_fc.bias, block.ln_2(h), block.c_fc.weight))
-        return h + self._row_parallel(x, block.mlp_proj, decode)
+        return self._row_parallel(x, block.mlp_proj, decode, residual=h, slot=1)
 
     def _qkv(self, block: BlockShard, h: torch.Tensor) -> torch.Tensor:
         """[tokens, E] -> [tokens, 3, heads, head_dim]."""
@@ -229,7 +232,7 @@ class GPT2Forward:
         h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer, block in enumerate(self.blocks):
             attn = self._attend(cache, layer, self._qkv(block, h), rows, positions, mask, span)
-            h = h + self._row_parallel(attn, block.attn_proj, decode=True)
+            h = self._row_parallel(attn, block.attn_proj, decode=True, residual=h, slot=0)
             h = self._mlp(block, h, decode=True)
         return self._logits(h)
 
@@ -258,11 +261,11 @@ class GPT2Forward:
                 h, qkv = pieces.attention_input(h, total, ln.weight, ln.bias, ln.eps, fused.weight, fused.bias)
             attn = self._attend(cache, layer, qkv.view(batch, 3, self.num_heads, self.head_dim), rows, positions,
                                 mask, span)
-            total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False)
+            total = self._row_parallel(attn, block.attn_proj, decode=True, cast=False, slot=0)
             batch_dynamic(h, total)
             h, x = pieces.mlp_input(h, total, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
                                     block.c_fc.weight, block.c_fc.bias, self.gelu, self.mlp_epilogue)
-            total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False)
+            total = self._row_parallel(x, block.mlp_proj, decode=True, cast=False, slot=1)
         batch_dynamic(h, total)
         return F.linear(pieces.final_norm(h, total, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.lm_head)
 
