@@ -125,12 +125,21 @@ class TPGroup:
         timeout = self.config.startup_timeout_s
         try:
             address, port = await asyncio.wait_for(self.workers[0].address.remote(), timeout)
+            group_gpus = await asyncio.wait_for(self._group_gpus(), timeout)
             self.rank_info = await asyncio.wait_for(
-                asyncio.gather(*[w.setup.remote(address, port) for w in self.workers]), timeout
+                asyncio.gather(*[w.setup.remote(address, port, group_gpus) for w in self.workers]), timeout
             )
         except asyncio.TimeoutError as exc:
             raise RankFailure(f"TP group did not start within startup_timeout_s={timeout}") from exc
         return self.rank_info
+
+    async def _group_gpus(self) -> Optional[list[str]]:
+        """Every rank's GPU in rank order, when each has one of its own (None otherwise): the
+        ranks make them all visible when their decode all-reduce reads peers' memory."""
+        if len(self.workers) < 2:
+            return None
+        ids = await asyncio.gather(*[w.gpu_id.remote() for w in self.workers])
+        return list(ids) if all(ids) and len(set(ids)) == len(ids) else None
 
     async def generate(self, request: SequenceRequest) -> AsyncIterator[SequenceOutput]:
         """One sequence's outputs from rank 0, until one carries a finish reason."""

@@ -133,3 +133,29 @@ def test_decode_attention_choice_is_checked_where_the_forward_is_built(tiny_mode
         pytest.skip("Triton's interpreter is on in this process (tests/test_decode_attention.py): CPU is allowed")
     with pytest.raises(ValueError, match="decode_attention='triton'"):
         GPT2Forward(shard, decode_attention="triton")
+
+
+def test_a_rank_sees_its_groups_gpus_and_takes_its_own_by_index(monkeypatch):
+    """Ray shows a rank actor one GPU; peer memory needs the peers' GPUs visible too."""
+    from serve_tp.engine.rank_setup import see_group_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert see_group_gpus(["3", "5"]) == 1
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    with pytest.raises(RuntimeError, match="not among"):
+        see_group_gpus(["3", "5"])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"  # a refusal changes nothing
+
+
+@pytest.mark.parametrize("device,world,setting,wanted", [
+    ("cuda", 2, "auto", True), ("cuda", 2, "p2p", True), ("cuda", 2, "nccl", False),
+    ("cuda", 1, "auto", False), ("cpu", 2, "auto", False),
+])
+def test_only_a_peer_memory_all_reduce_widens_the_visible_gpus(device, world, setting, wanted):
+    from serve_tp.engine.rank_setup import peer_memory_wanted
+    from serve_tp.messages import RankSettings
+
+    settings = RankSettings(model="m", served_model_name="m", device=device, dtype="float16", max_batch_size=1,
+                            context_length=8, gpu_all_reduce=setting)
+    assert peer_memory_wanted(settings, world) is wanted

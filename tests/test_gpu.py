@@ -131,8 +131,10 @@ def test_half_precision_recorded_with_its_control(gpu_model, prompts, dtype):
 
 
 @two_gpus
-def test_http_app_fp32_matches_one_process(ray_cluster, gpu_model, prompts, fp32_reference):
-    """The real Serve app (TP=2 rank actors on 2 GPUs, NCCL) over HTTP: the same greedy text."""
+@pytest.mark.parametrize("gpu_all_reduce", ["nccl", "p2p"])
+def test_http_app_fp32_matches_one_process(ray_cluster, gpu_model, prompts, fp32_reference, gpu_all_reduce):
+    """The real Serve app (TP=2 rank actors on 2 GPUs, each seeing only its own) over HTTP: the
+    same greedy text, with the decode sums over NCCL or over our p2p kernel between the actors."""
     import httpx
     from ray import serve
     from transformers import AutoTokenizer
@@ -140,11 +142,13 @@ def test_http_app_fp32_matches_one_process(ray_cluster, gpu_model, prompts, fp32
     from tests.conftest import deploy
 
     tokenizer = AutoTokenizer.from_pretrained(gpu_model)
-    base = deploy("serve_tp_gpu", "/gpu", model=gpu_model, tensor_parallel_size=2, device="cuda", dtype="float32")
+    base = deploy("serve_tp_gpu", "/gpu", model=gpu_model, tensor_parallel_size=2, device="cuda", dtype="float32",
+                  gpu_all_reduce=gpu_all_reduce)
     try:
         health = httpx.get(f"{base}/health", timeout=30).json()
-        print("\nranks:", [(r.get("rank"), r.get("device"), r.get("backend"), r.get("cuda_graphs"))
-                          for r in health["ranks"]])
+        print("\nranks:", [(r.get("rank"), r.get("device"), r.get("backend"), r.get("cuda_graphs"),
+                            r.get("decode_all_reduce")) for r in health["ranks"]])
+        assert all(r["decode_all_reduce"].startswith(gpu_all_reduce) for r in health["ranks"]), health["ranks"]
         texts = []
         for p in PROMPTS:
             r = httpx.post(f"{base}/v1/completions", timeout=120, json={
@@ -170,22 +174,27 @@ def _tokens_and_info(gpu_model, prompts, dtype, **settings):
 
 
 @two_gpus
-def test_fp32_symm_mem_all_reduce_matches_one_process(gpu_model, prompts, fp32_reference):
-    """The decode step's symmetric-memory all-reduce, in CUDA graphs: one process's tokens."""
-    tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="symm_mem")
-    assert info["decode_all_reduce"].startswith("symm_mem"), info
+@pytest.mark.parametrize("kind", ["symm_mem", "p2p"])
+def test_fp32_peer_memory_all_reduce_matches_one_process(gpu_model, prompts, fp32_reference, kind):
+    """The decode step's all-reduce over peer memory in CUDA graphs: torch's one-shot, or our
+    p2p kernel (residual fused): one process's tokens."""
+    tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce=kind)
+    assert info["decode_all_reduce"].startswith(kind), info
     assert tokens == fp32_reference, [first_divergence(a, b) for a, b in zip(tokens, fp32_reference)]
     assert other == tokens
 
 
 @two_gpus
-def test_fp16_symm_mem_all_reduce_is_bitwise_nccl(gpu_model, prompts):
-    """fp16 staged in float32 and rounded once is NCCL's correctly rounded two-rank sum:
-    the same tokens and, first, the same logits bit for bit (control: NCCL against itself)."""
+@pytest.mark.parametrize("kind", ["symm_mem", "p2p"])
+def test_fp16_peer_memory_all_reduce_is_bitwise_nccl(gpu_model, prompts, kind):
+    """fp16 summed in float32 and rounded once (symm_mem stages it into a float32 buffer, p2p
+    sums in registers and adds the residual, rounding as the eager add does) is NCCL's
+    correctly rounded two-rank sum: the same tokens and, first, the same logits bit for bit
+    (control: NCCL against itself)."""
     nccl_tokens, nccl_logits, _, nccl_info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl")
     again_tokens, again_logits, _, _ = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl")
-    tokens, logits, other, info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="symm_mem")
-    assert nccl_info["decode_all_reduce"].startswith("nccl") and "float32 staging" in info["decode_all_reduce"]
+    tokens, logits, other, info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce=kind)
+    assert nccl_info["decode_all_reduce"].startswith("nccl") and info["decode_all_reduce"].startswith(kind)
     assert torch.equal(again_logits, nccl_logits), "control: NCCL is not deterministic run to run here"
     assert torch.equal(logits, nccl_logits)
     assert tokens == nccl_tokens and other == tokens
@@ -193,10 +202,10 @@ def test_fp16_symm_mem_all_reduce_is_bitwise_nccl(gpu_model, prompts):
 
 @two_gpus
 def test_compiled_decode_fp32_matches_one_process(gpu_model, prompts, fp32_reference):
-    """torch.compile'd decode pieces captured in our CUDA graphs, over symmetric memory."""
+    """torch.compile'd decode pieces captured in our CUDA graphs, over the p2p all-reduce (auto)."""
     tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="auto",
                                               compile_decode=True)
-    assert info["compiled_decode"] is True
+    assert info["compiled_decode"] is True and info["decode_all_reduce"].startswith("p2p"), info
     assert tokens == fp32_reference, [first_divergence(a, b) for a, b in zip(tokens, fp32_reference)]
     assert other == tokens
 

@@ -8,9 +8,10 @@ or check is the path that serves.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -95,6 +96,29 @@ def build_engine(ready: RankSetup, settings: RankSettings,
         async_scheduling=settings.async_scheduling,
         share_sampled=ready.comm.broadcast_sampled if ready.world_size > 1 else None,
     )
+
+
+def peer_memory_wanted(settings: RankSettings, world_size: int) -> bool:
+    """Whether this rank may map its peers' GPU memory (gpu_all_reduce p2p, symm_mem or auto,
+    resolved by the replica only when every rank is on one node)."""
+    return settings.device == "cuda" and world_size > 1 and settings.gpu_all_reduce != "nccl"
+
+
+def see_group_gpus(group_gpus: Sequence[str]) -> int:
+    """Make every GPU of the group visible to this process; this rank's index among them.
+
+    Ray shows each rank actor only its own GPU (CUDA_VISIBLE_DEVICES), and CUDA maps a peer
+    GPU's memory only into a process that sees that GPU: with one visible, the p2p kernel's
+    symmetric buffers cannot be set up (vLLM's Ray workers see every GPU of their node for the
+    same reason). Must run before this process touches CUDA.
+    """
+    own = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if own not in group_gpus:
+        raise RuntimeError(f"this rank's GPU {own!r} is not among the group's {list(group_gpus)}")
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA is already initialised in this process: its visible GPUs cannot change")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group_gpus)
+    return list(group_gpus).index(own)
 
 
 def rank_device(settings: RankSettings, cuda_index: int = 0) -> torch.device:

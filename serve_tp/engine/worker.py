@@ -71,15 +71,26 @@ class InferenceWorker:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, address: str, port: int) -> dict:
-        """Join the process group, load and shard the model, start the engine loop."""
+    def gpu_id(self) -> Optional[str]:
+        """The one GPU Ray made visible to this actor (None: none, or not one)."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return visible if visible and "," not in visible else None
+
+    def setup(self, address: str, port: int, group_gpus: Optional[list[str]] = None) -> dict:
+        """Join the process group, load and shard the model, start the engine loop.
+
+        `group_gpus` (every rank's `gpu_id`, in rank order): when the decode all-reduce may
+        read peers' memory, this rank sees them all and takes its own by index."""
         import ray
 
-        from serve_tp.engine.rank_setup import build_engine, setup_rank
+        from serve_tp.engine.rank_setup import build_engine, peer_memory_wanted, see_group_gpus, setup_rank
         from serve_tp.metrics import EngineMetrics
 
         s = self.settings
-        ready = setup_rank(self.rank, self.world_size, address, port, s)
+        cuda_index = 0
+        if group_gpus and peer_memory_wanted(s, self.world_size):
+            cuda_index = see_group_gpus(group_gpus)
+        ready = setup_rank(self.rank, self.world_size, address, port, s, cuda_index=cuda_index)
         on_step = EngineMetrics(s.served_model_name).step if self.rank == 0 else None
         self.engine = build_engine(ready, s, on_step)
         self.engine.start()
