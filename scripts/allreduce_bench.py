@@ -15,6 +15,10 @@ XL), on 2 GPUs, this times:
                          copied and added (p2p_copy_add), or read in place by a Triton
                          add kernel (p2p_triton). No flag orders the ranks: a lower bound
                          on what a custom all-reduce could reach, not a usable one.
+  (f) serve_tp_p2p       serve_tp's own one-kernel all-reduce (serve_tp/engine/p2p_all_reduce.py):
+                         flags in symmetric-memory signal pads order the ranks; usable. The input
+                         copied into the symmetric buffer by the kernel (release/acquire flags),
+                         or already there (_in_place, as the decode step's GEMM leaves it; relaxed).
 each eagerly and graph-captured. Every variant's result is checked against the exact
 two-rank sum: with 2 ranks each element is one addition, rounded once, so a correct
 all-reduce (NCCL's included: its row says so) is bitwise equal to `a + b` in the dtype.
@@ -61,6 +65,7 @@ GROUPS = [
     ("nccl_ll_ring", dict(LL_RING), ["nccl"]),
     ("symm_mem", {}, ["one_shot", "two_shot"]),
     ("p2p_ipc", {}, ["p2p_copy_add", "p2p_triton"]),
+    ("serve_tp_p2p", {}, ["serve_tp_p2p", "serve_tp_p2p_in_place"]),
 ]
 MODES = variants.MODES
 

@@ -134,6 +134,38 @@ class P2P:
         return buf, lambda: self.add(buf, peer, out)
 
 
+class ServeTpP2P:
+    """serve_tp's own p2p all-reduce (serve_tp/engine/p2p_all_reduce.py): one Triton kernel that
+    publishes, flags, reads the peer over NVLink and sums in the dtype. Calls alternate slots,
+    as the decode step's attention and MLP sums do."""
+
+    def __init__(self, rank, device, max_numel, in_place=False):
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from serve_tp.engine.p2p_all_reduce import P2PAllReduce
+
+        self.make = lambda dtype: P2PAllReduce(dist.group.WORLD, rank, 2, device, dtype, max_numel)
+        self.device, self.reducers, self.calls, self.in_place = device, {}, 0, in_place
+
+    def setup(self, dtype, rows, width):
+        if dtype not in self.reducers:  # one symmetric buffer per dtype; rendezvous is collective
+            self.reducers[dtype] = self.make(dtype)
+        reduce = self.reducers[dtype]
+        if self.in_place:  # the input already in slot 0, as the decode step's GEMM leaves it
+            # (nothing rewrites it between calls here, so one slot is safe back to back)
+            buf = reduce.target(rows, width, 0)
+            return buf, lambda: reduce(buf, slot=0)
+        buf = torch.empty(rows, width, dtype=dtype, device=self.device)
+
+        def op():
+            self.calls += 1
+            return reduce(buf, slot=self.calls % 2)
+
+        return buf, op
+
+
 ON_GPU = True  # False only in the CPU run (gloo) that checks the harness itself
 
 
@@ -246,6 +278,8 @@ def run_group(rank, port, group, kinds, shapes, timing, inbox, outbox, device_ty
                     variant = Nccl(device)
                 elif kind in ("one_shot", "two_shot"):
                     variant = SymmMem(device, kind, max_numel)
+                elif kind in ("serve_tp_p2p", "serve_tp_p2p_in_place"):
+                    variant = ServeTpP2P(rank, device, max_numel, in_place=kind.endswith("in_place"))
                 else:
                     peers = peers or PeerBuffers(rank, device, max_numel, inbox, outbox)
                     variant = P2P(device, kind, peers)

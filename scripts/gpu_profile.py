@@ -15,8 +15,8 @@ token to see what serving adds (sampling, streaming through Ray and HTTP).
 `--shapes` writes config-only directories of GPT-2's published shapes (vocabulary 50257)
 under --shape-dir; each rank draws random weights on its GPU in the target dtype
 (random_shard: seconds, where building and loading a checkpoint took minutes). One run of
-ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`: NCCL, or
-torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
+ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`: NCCL, our
+p2p kernel or torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
 (compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
 `--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
 layer, serve_tp/model/decode_attention.py) x `--mlp-epilogue` (off / on: the c_fc GEMM with
@@ -82,6 +82,7 @@ def rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants
 def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variants, context, prompt_tokens,
                list_kernels):
     from serve_tp.engine import rank_setup
+    from serve_tp.engine.fast_all_reduce import setup_decode_all_reduce
     from serve_tp.messages import RankSettings
     from serve_tp.model.forward import GPT2Forward
 
@@ -91,22 +92,29 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
     # batch it times, so one pass's KV cache is freed before the next one's.
     settings = RankSettings(model=model_dir, served_model_name="profile", device="cuda", dtype=dtype,
                             max_batch_size=max(batches), context_length=context, cuda_graphs=False,
-                            collective_timeout_s=120, plan_channel="shm",
-                            gpu_all_reduce="auto" if any(v[0] == "symm_mem" for v in variants) else "nccl")
+                            collective_timeout_s=120, plan_channel="shm", gpu_all_reduce="nccl")
     ready = rank_setup.setup_rank(rank, world, "127.0.0.1", port, settings, cuda_index=rank)
     comm, shard = ready.comm, ready.shard
-    fast = ready.forward.decode_all_reduce
     ready.batch = ready.forward = None
     gc.collect()
+    # every peer-memory path asked for, set up in the same order on every rank (collective)
+    fast = {}
+    for kind in dict.fromkeys(v[0] for v in variants if v[0] != "nccl" and world > 1):
+        try:
+            fast[kind] = setup_decode_all_reduce(kind, rank, world, shard.device, shard.dtype, max(batches),
+                                                 shard.config.n_embd, comm.control_group)
+        except RuntimeError as exc:
+            fast[kind] = (None, f"skipped: {exc}")
     results = {"paths": {}}
     for variant in variants:
         path, compiled, attention, epilogue = variant
-        if path == "symm_mem" and fast is None:
-            results["paths"][variant] = f"skipped: {ready.decode_all_reduce}"
+        reduce, why = fast.get(path, (None, None))
+        if path != "nccl" and reduce is None:
+            results["paths"][variant] = why or "skipped: one rank"
             continue
-        forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=fast if path == "symm_mem" else None,
+        forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=reduce,
                               compile_decode=compiled, decode_attention=attention, mlp_epilogue=epilogue)
-        label = (fast.description if path == "symm_mem" else comm.all_reduce_kind) if world > 1 else "none"
+        label = (reduce.description if reduce is not None else comm.all_reduce_kind) if world > 1 else "none"
         results["paths"][variant] = label
         for graphs in (True, False):
             _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens, list_kernels)
@@ -277,8 +285,9 @@ def main():
     parser.add_argument("--batches", default="1,8,32,128")
     parser.add_argument("--context", type=int, default=None,
                         help="KV-cache positions (default: the model's); fewer spans, fewer graphs to capture")
-    parser.add_argument("--all-reduce", default="nccl,symm_mem",
-                        help="decode all-reduce paths to time at TP>1: nccl, symm_mem (one run times each)")
+    parser.add_argument("--all-reduce", default="nccl,p2p",
+                        help="decode all-reduce paths to time at TP>1: nccl, p2p (our kernel), symm_mem "
+                             "(torch's one-shot); one run times each")
     parser.add_argument("--compile", default="off,on",
                         help="compile_decode: off, on (Inductor's default mode), max (max-autotune-no-cudagraphs), comma-separated")
     parser.add_argument("--prompt-tokens", type=int, default=32,
