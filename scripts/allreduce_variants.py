@@ -156,7 +156,12 @@ class ServeTpP2P:
         if self.in_place:  # the input already in slot 0, as the decode step's GEMM leaves it
             # (nothing rewrites it between calls here, so one slot is safe back to back)
             buf = reduce.target(rows, width, 0)
-            return buf, lambda: reduce(buf, slot=0)
+
+            def in_place():
+                reduce._last_slot = None  # lift the alternation rule: nothing rewrites the slot here
+                return reduce(buf, slot=0)
+
+            return buf, in_place
         buf = torch.empty(rows, width, dtype=dtype, device=self.device)
 
         def op():

@@ -14,7 +14,9 @@ GEMM does), the others are copied in by the kernel. Prints one JSON line: each r
 
 import json
 import os
+import queue
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,8 +26,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from serve_tp.engine import p2p_all_reduce  # noqa: E402
 
-ELEMENTS = 40 * 1024  # a slot: the 25 x 1600 call needs the grid loop (32 programs x 1024)
-CALLS = [(1, 768), (3, 1000), (25, 1600), (1, 768), (2, 1024), (4, 7)]  # (rows, width), slots alternate
+ELEMENTS = 72 * 1024  # a slot: the 45 x 1600 call needs the grid loop (MAX_PROGRAMS x BLOCK = 65536)
+CALLS = [(1, 768), (3, 1000), (45, 1600), (1, 768), (2, 1024), (4, 7)]  # (rows, width), slots alternate
 
 
 class SharedMemoryRanks(p2p_all_reduce.P2PAllReduce):
@@ -33,8 +35,9 @@ class SharedMemoryRanks(p2p_all_reduce.P2PAllReduce):
 
     def __init__(self, rank: int, world: int, buffers, pads):
         self.rank, self.world_size, self.elements = rank, world, ELEMENTS
-        self.dtype = self.model_dtype = torch.float16
+        self.model_dtype = torch.float16
         self.buffer = buffers[rank]
+        self._last_slot = None
         self.buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
         self.pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
 
@@ -59,6 +62,7 @@ def rank_main(rank, world, buffers, pads, results):
 
 
 def main(world: int) -> dict:
+    assert ELEMENTS > p2p_all_reduce.MAX_PROGRAMS * p2p_all_reduce.BLOCK, "no call would loop over the grid"
     buffers = [torch.zeros(p2p_all_reduce.SLOTS * ELEMENTS, dtype=torch.float16).share_memory_()
                for _ in range(world)]
     pads = [torch.zeros(p2p_all_reduce.MAX_PROGRAMS * world, dtype=torch.int32).share_memory_()
@@ -68,9 +72,17 @@ def main(world: int) -> dict:
     ranks = [context.Process(target=rank_main, args=(r, world, buffers, pads, results)) for r in range(world)]
     for process in ranks:
         process.start()
-    calls = [results.get(timeout=600) for _ in range(world * len(CALLS))]
+    calls, deadline = [], time.monotonic() + 600
+    while len(calls) < world * len(CALLS) and time.monotonic() < deadline:
+        try:
+            calls.append(results.get(timeout=1))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in ranks):  # a rank died: its peers would spin
+                break
     for process in ranks:
-        process.join(60)
+        process.join(5)
+        if process.is_alive():
+            process.kill()
     return {"calls": sorted(calls), "pads_left": int(sum(int(p.abs().sum()) for p in pads)),
             "exit_codes": [p.exitcode for p in ranks]}
 

@@ -139,6 +139,7 @@ def test_a_rank_sees_its_groups_gpus_and_takes_its_own_by_index(monkeypatch):
     """Ray shows a rank actor one GPU; peer memory needs the peers' GPUs visible too."""
     from serve_tp.engine.rank_setup import see_group_gpus
 
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a GPU session's pytest may have CUDA up
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     assert see_group_gpus(["3", "5"]) == 1
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
@@ -159,3 +160,13 @@ def test_only_a_peer_memory_all_reduce_widens_the_visible_gpus(device, world, se
     settings = RankSettings(model="m", served_model_name="m", device=device, dtype="float16", max_batch_size=1,
                             context_length=8, gpu_all_reduce=setting)
     assert peer_memory_wanted(settings, world) is wanted
+
+
+def test_a_p2p_call_on_the_slot_just_used_is_refused():
+    """Consecutive p2p calls must alternate slots: the kernel has no closing barrier."""
+    from serve_tp.engine.p2p_all_reduce import P2PAllReduce
+
+    reduce = P2PAllReduce.__new__(P2PAllReduce)  # the host-side check only: no symmetric memory
+    reduce._last_slot = 0
+    with pytest.raises(RuntimeError, match="twice in a row"):
+        reduce(torch.zeros(1, 4), slot=0)

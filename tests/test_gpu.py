@@ -133,8 +133,8 @@ def test_half_precision_recorded_with_its_control(gpu_model, prompts, dtype):
 @two_gpus
 @pytest.mark.parametrize("gpu_all_reduce", ["nccl", "p2p"])
 def test_http_app_fp32_matches_one_process(ray_cluster, gpu_model, prompts, fp32_reference, gpu_all_reduce):
-    """The real Serve app (TP=2 rank actors on 2 GPUs, each seeing only its own) over HTTP: the
-    same greedy text, with the decode sums over NCCL or over our p2p kernel between the actors."""
+    """The real Serve app (TP=2 rank actors on 2 GPUs: each sees only its own over NCCL, both
+    over p2p) over HTTP: the same greedy text, with the decode sums over NCCL or our p2p kernel."""
     import httpx
     from ray import serve
     from transformers import AutoTokenizer
@@ -201,7 +201,7 @@ def test_fp16_peer_memory_all_reduce_is_bitwise_nccl(gpu_model, prompts, kind):
 
 
 @two_gpus
-def test_compiled_decode_fp32_matches_one_process(gpu_model, prompts, fp32_reference):
+def test_compiled_decode_fp32_matches_one_process_over_p2p(gpu_model, prompts, fp32_reference):
     """torch.compile'd decode pieces captured in our CUDA graphs, over the p2p all-reduce (auto)."""
     tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="auto",
                                               compile_decode=True)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# Triton 3.6's interpreter cannot loop over a range with tensor bounds (the kernel's grid loop;
+# the GPU compiler can): 3.9's can.
+pytest.importorskip("triton", minversion="3.9")
 
 HARNESS = Path(__file__).with_name("p2p_interpreted.py")
 
@@ -33,3 +35,4 @@ def test_every_rank_gets_the_sum_rounded_once_and_the_pads_return_to_zero(world)
     calls = report["calls"]
     assert len(calls) == world * 6 and all(equal for _, _, equal in calls), calls
     assert report["pads_left"] == 0 and report["exit_codes"] == [0] * world
+

@@ -154,8 +154,8 @@ def init_tp_comm(
 ) -> TPComm:
     """Join the group (blocks until every rank has joined) and make the control group.
 
-    `cuda_index` is this rank's visible GPU (0 inside a Ray actor, whose
-    CUDA_VISIBLE_DEVICES holds one GPU); DeepSpeed binds NCCL to it via LOCAL_RANK.
+    `cuda_index` is this rank's GPU among the visible ones (0 inside a Ray actor that sees
+    only its own); DeepSpeed binds NCCL to it via LOCAL_RANK.
     `cpu_all_reduce` (gloo backend only): "auto" or "shm" promise that every rank is on
     this node; "auto" then uses shared memory if every rank can, "shm" requires it.
     A shm all-reduce that waits longer than `shm_timeout_s` (default `timeout_s`) ends

@@ -199,7 +199,7 @@ def setup_decode_all_reduce(setting: GpuAllReduce, rank: int, world_size: int, d
     """The decode step's all-reduce (None: the group's NCCL) and a line saying which and why.
 
     Collective over `control` (every rank calls it at the same point): the ranks vote
-    before the rendezvous, and again after a check sum, so either all use it or none.
+    before the rendezvous, after it, and after a check sum, so either all use it or none.
     `p2p` and `symm_mem` make any failure fatal; `auto` falls back to NCCL with a warning.
     """
     kind, why = choose_decode_all_reduce(setting, world_size, device)
@@ -210,12 +210,18 @@ def setup_decode_all_reduce(setting: GpuAllReduce, rank: int, world_size: int, d
     reduce, error = None, None
     try:
         reduce = _make(kind, rank, world_size, device, model_dtype, max_rows, width)
+    except Exception as exc:  # a missing driver feature, no P2P between the GPUs...
+        error = f"{type(exc).__name__}: {exc}"
+    # every rank built it before any launches the check: a kernel whose peer never arrives spins
+    if not _vote(control, error is None):
+        return _fallback(setting, rank, error or "another rank's set-up failed")
+    try:
         error = _check_sum(reduce, rank, world_size, width)
-    except Exception as exc:  # a missing driver feature, no P2P between the GPUs, a Triton error...
+    except Exception as exc:  # a Triton compile error...
         error = f"{type(exc).__name__}: {exc}"
     torch.cuda.synchronize(device)
     if not _vote(control, error is None):
-        return _fallback(setting, rank, error or "another rank's set-up or check sum failed")
+        return _fallback(setting, rank, error or "another rank's check sum failed")
     logger.info("rank %d: decode all-reduce over %s, up to %d elements", rank, reduce.description, reduce.elements)
     return reduce, reduce.description
 

@@ -14,12 +14,16 @@ what halving the weights saves. torch's symmetric-memory one-shot reads peers ov
    once to the model's dtype, adds the residual when given (rounded once more, as the eager
    `h + s` does), and writes the result.
 
-Memory order: when the GEMM published the partial, it did so in an earlier kernel, whose
-writes are in its GPU's memory before this kernel starts: relaxed flags suffice (vLLM's
-custom all-reduce and torch's symmetric-memory kernels rely on the same). When the kernel
-copies the partial in itself, the flag is raised with release semantics after a CTA-wide
-barrier and taken with acquire, so the copy is visible to the peer that reads it. Peers'
-buffers are read past L1 (`.cg`).
+Memory order: flags are taken with acquire semantics. When the GEMM published the partial,
+it did so in an earlier kernel, whose writes are in its GPU's memory before this kernel
+starts, so the flag is raised relaxed (vLLM's custom all-reduce and torch's symmetric-memory
+kernels rely on the same); when the kernel copies the partial in itself, it raises the flag
+with release semantics after a CTA-wide barrier, so the copy is visible to the peer that
+reads it. Peers' buffers are read past L1 (`.cg`).
+
+No timeout: a peer that never arrives (its process died between two calls) leaves this
+rank's kernel spinning, as a dead peer leaves NCCL's. The group's health check sees the dead
+rank and Serve replaces the replica, killing the spinning rank's process with it.
 
 Exactness: at TP=2 the float32 sum of two fp16/bf16 values is exact, so rounding it once is
 NCCL's correctly rounded two-rank sum, bit for bit (tests/test_gpu.py checks logits at every
@@ -61,14 +65,13 @@ logger = logging.getLogger(__name__)
 
 SLOTS = 2  # attention sums in slot 0, MLP sums in slot 1 (the module docstring says why two)
 # Decode steps of more rows go to NCCL (the same on every rank: rows are). On 2xH200 this kernel
-# took 3.8-6.9 µs against NCCL's 11-13 up to 32 rows, but lost at 256 (docs/results/h200x2/p2p/),
-# and decode steps of 128 rows of gpt2-large/xl were 9-12% slower over it.
+# took 3.8-6.9 µs against NCCL's 11-13 up to 32 rows, but lost from 128 rows of 1600
+# (docs/results/h200x2/p2p/), and decode steps of 128 rows of gpt2-large/xl were 9-12% slower.
 MAX_ROWS = 32
 BLOCK = 1024  # elements per program per pass: 8 fp16 (16 bytes) per thread at 4 warps
 NUM_WARPS = 4
-MAX_PROGRAMS = 64  # programs per call; more rows loop. Each spins on its own flag, so every
+MAX_PROGRAMS = 64  # programs per call; more elements loop. Each spins on its own flag, so every
 # program must be resident at once: 64 small CTAs fit H100/H200's 132 SMs with room to spare
-PAD_WORDS_NEEDED = MAX_PROGRAMS  # flags per sender: one per program
 
 
 def unavailable(device: torch.device) -> Optional[str]:
@@ -131,10 +134,7 @@ if triton is not None:
                     _raise_flag(pad + program * WORLD + RANK, "release")
         for peer in tl.static_range(WORLD):  # ...then take each peer's from this rank's
             if peer != RANK:
-                if PUBLISHED:
-                    _take_flag(own_pad + program * WORLD + peer, "relaxed")
-                else:
-                    _take_flag(own_pad + program * WORLD + peer, "acquire")
+                _take_flag(own_pad + program * WORLD + peer, "acquire")
         tl.debug_barrier()  # every thread's loads follow the flags
         for start in range(program * BLOCK, n, stride):  # 3. the sum, in rank order
             offsets = start + tl.arange(0, BLOCK)
@@ -172,24 +172,25 @@ class P2PAllReduce:
         except Exception as exc:  # older torch has one backend only
             logger.debug("symm_mem.set_backend: %s", exc)
         self.rank, self.world_size, self.elements = rank, world_size, elements
-        self.dtype = self.model_dtype = dtype  # sums in the model's own dtype: no staging
+        self.model_dtype = dtype  # summed in the model's own dtype: no staging
         self.buffer = symm_mem.empty(SLOTS * elements, dtype=dtype, device=device)
         handle = symm_mem.rendezvous(self.buffer, group.group_name)  # collective
         if getattr(handle, "multicast_ptr", 0):
             logger.warning("symmetric buffer has a multicast address although multicast is off; "
                            "this kernel never uses it")
         pad_words = handle.signal_pad_size // 4
-        if pad_words < PAD_WORDS_NEEDED * world_size:
-            raise RuntimeError(f"signal pad holds {pad_words} flags, the kernel needs {PAD_WORDS_NEEDED * world_size}")
+        if pad_words < MAX_PROGRAMS * world_size:  # a flag per program and sender
+            raise RuntimeError(f"signal pad holds {pad_words} flags, the kernel needs {MAX_PROGRAMS * world_size}")
         # The peers' addresses, as this process maps them, in a device table the kernel reads:
         # passed as tensors, a peer's memory fails Triton's launch-time pointer check.
         self.buffer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device)
         self.handle = handle  # keeps the mappings alive
+        self._last_slot: Optional[int] = None
 
     @property
     def description(self) -> str:
-        return f"p2p one-shot ({str(self.dtype).removeprefix('torch.')}, Triton)"
+        return f"p2p one-shot ({str(self.model_dtype).removeprefix('torch.')}, Triton)"
 
     def fits(self, rows: int, width: int) -> bool:
         return rows * width <= self.elements
@@ -203,9 +204,13 @@ class P2PAllReduce:
     def __call__(self, partial: torch.Tensor, cast: bool = True, residual: Optional[torch.Tensor] = None,
                  slot: int = 0) -> torch.Tensor:
         """residual + the sum of every rank's `partial` (the sum alone without a residual).
-        `cast` is moot: the sum is already in the model's dtype."""
-        if partial.dtype != self.dtype:
-            raise TypeError(f"p2p all-reduce sums {self.dtype}, got {partial.dtype}")
+        `cast` is moot: the sum is already in the model's dtype. A call on the slot of the
+        call before is refused: a peer may still be reading it (the module docstring)."""
+        if slot % SLOTS == self._last_slot:
+            raise RuntimeError(f"p2p all-reduce called on slot {slot % SLOTS} twice in a row: calls must alternate")
+        self._last_slot = slot % SLOTS
+        if partial.dtype != self.model_dtype:
+            raise TypeError(f"p2p all-reduce sums {self.model_dtype}, got {partial.dtype}")
         n = partial.numel()
         if n > self.elements:
             raise ValueError(f"{n} elements exceed the p2p buffer's {self.elements}")

@@ -135,8 +135,8 @@ def setup_rank(rank: int, world_size: int, address: str, port: int, settings: Ra
     """Join the group at address:port, load and place this rank's shard, build its batch.
 
     Blocks until every rank has joined. `cuda_index` is the rank's GPU among the visible
-    ones: 0 in a Ray actor (its CUDA_VISIBLE_DEVICES holds one GPU), the rank's own index
-    when one process tree drives every GPU. Decode graphs are captured last, and every rank
+    ones: 0 in a Ray actor that sees only its own GPU, its index among the group's when it
+    sees them all (`see_group_gpus`) or when one process tree drives every GPU. Decode graphs are captured last, and every rank
     captures the same ones in the same order, so NCCL calls inside them pair up.
     """
     started = time.monotonic()

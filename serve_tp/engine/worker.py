@@ -59,6 +59,8 @@ class InferenceWorker:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._last_call_at: Optional[float] = None  # the last submit/poll of any client (rank 0)
         self._judge_after = 0.0  # no sweep before this (after a gap that may have been a stall)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self._own_gpu = visible if visible and "," not in visible else None  # Ray's one GPU for this rank
         self.submit_calls = 0  # rank 0: `submit` calls, and the sequences they carried (batching's
         self.submitted = 0  # effect, seen in /health: sequences_submitted / submit_calls a call)
 
@@ -72,9 +74,9 @@ class InferenceWorker:
         return host, free_port(host)
 
     def gpu_id(self) -> Optional[str]:
-        """The one GPU Ray made visible to this actor (None: none, or not one)."""
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        return visible if visible and "," not in visible else None
+        """The one GPU Ray made visible to this actor (None: none, or not one), as it was
+        before `setup` may have widened CUDA_VISIBLE_DEVICES to the group's."""
+        return self._own_gpu
 
     def setup(self, address: str, port: int, group_gpus: Optional[list[str]] = None) -> dict:
         """Join the process group, load and shard the model, start the engine loop.
@@ -100,6 +102,7 @@ class InferenceWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu": self._own_gpu,  # this rank's GPU (the visible ones may be the group's)
             "async_scheduling": s.async_scheduling,
         }
         return self.info

@@ -119,9 +119,9 @@ class GPT2Forward:
         """x @ W summed over the ranks, plus `residual` when given. Rank 0 adds the bias
         inside its GEMM, so the sum holds it exactly once without a separate kernel.
 
-        In a decode step the sum may go through `decode_all_reduce`, whose result is only
-        valid until its next call (callers add it to the residual at once, or hand it the
-        residual: the p2p kernel adds it in the same launch); `cast=False` leaves it in the
+        In a decode step the sum may go through `decode_all_reduce`, whose result may be valid
+        only until its next call (symm_mem's: callers add it to the residual at once, or hand
+        it the residual, which the p2p kernel adds in the same launch); `cast=False` leaves it in the
         dtype it was summed in (float32 for symm_mem's fp16 staging). `slot`: 0 for the
         attention sum, 1 for the MLP's, so consecutive calls alternate (p2p_all_reduce.py)."""
         fast = self.decode_all_reduce if decode and self.world_size > 1 else None
