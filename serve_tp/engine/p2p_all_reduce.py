@@ -23,15 +23,16 @@ reads it. Peers' buffers are read past L1 (`.cg`).
 
 No timeout: a peer that never arrives (its process died between two calls) leaves this
 rank's kernel spinning, as a dead peer leaves NCCL's. The group's health check sees the dead
-rank and Serve replaces the replica, killing the spinning rank's process with it.
+rank and Serve replaces the replica, whose rank actors are killed with it (the healing the
+NCCL path is tested for; not yet run on a GPU with p2p).
 
 Exactness: at TP=2 the float32 sum of two fp16/bf16 values is exact, so rounding it once is
 NCCL's correctly rounded two-rank sum, bit for bit (tests/test_gpu.py checks logits at every
 step); fp32 a + b is one rounding, as NCCL's. With more ranks every rank sums in the same
 order, so the ranks agree with each other (lockstep), within one rounding of NCCL.
 
-Flags, not counters: a flag is set 0 -> 1 by its sender with a release compare-and-swap (the
-sender spins while the previous call's flag is still unread) and reset 1 -> 0 by its
+Flags, not counters: a flag is set 0 -> 1 by its sender with a compare-and-swap (the sender
+spins while the previous call's flag is still unread) and reset 1 -> 0 by its
 receiver with an acquire compare-and-swap, so the zero-filled pads return to zero after every
 call and a captured graph needs no value from the host. Pads are indexed by program and
 sender: program p of every rank meets only program p of its peers, and the grid is the same
