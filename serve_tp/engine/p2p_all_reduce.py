@@ -51,16 +51,11 @@ with ordinary loads; no multimem instruction exists here.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Optional
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs never build this path
-    triton = tl = None
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +74,7 @@ def unavailable(device: torch.device) -> Optional[str]:
     """Why this rank cannot run the kernel (None: it can try)."""
     if device.type != "cuda":
         return f"device is {device.type}"
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
@@ -91,67 +86,6 @@ def unavailable(device: torch.device) -> Optional[str]:
 def programs_for(elements: int) -> int:
     """The grid of one call: enough programs for one pass, at most MAX_PROGRAMS."""
     return max(1, min(MAX_PROGRAMS, -(-elements // BLOCK)))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _raise_flag(flag_ptr, SEM: tl.constexpr):
-        """Set a peer's flag 0 -> 1 (with SEM "release": after this program's earlier stores);
-        spin while the peer has not yet reset the previous call's flag."""
-        old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
-        while old != 0:
-            old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
-
-    @triton.jit
-    def _take_flag(flag_ptr, SEM: tl.constexpr):
-        """Wait for a peer's flag in this rank's pad and reset it 1 -> 0 (with SEM "acquire":
-        before this program's later loads)."""
-        old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
-        while old != 1:
-            old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
-
-    @triton.jit
-    def _one_shot_kernel(partial_ptr, residual_ptr, out_ptr, buffer_ptrs, pad_ptrs, n, slot_offset,
-                         RANK: tl.constexpr, WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         PUBLISHED: tl.constexpr, BLOCK: tl.constexpr):
-        program = tl.program_id(0)
-        stride = tl.num_programs(0) * BLOCK
-        element = partial_ptr.dtype.element_ty
-        if not PUBLISHED:  # 1. copy this rank's share into its buffer, then release it
-            mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(element)) + slot_offset
-            for start in range(program * BLOCK, n, stride):
-                offsets = start + tl.arange(0, BLOCK)
-                inside = offsets < n
-                tl.store(mine + offsets, tl.load(partial_ptr + offsets, mask=inside), mask=inside)
-            tl.debug_barrier()  # every thread's stores precede the flag's release
-        own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
-        for peer in tl.static_range(WORLD):  # 2. flags: raise in each peer's pad...
-            if peer != RANK:
-                pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-                if PUBLISHED:
-                    _raise_flag(pad + program * WORLD + RANK, "relaxed")
-                else:
-                    _raise_flag(pad + program * WORLD + RANK, "release")
-        for peer in tl.static_range(WORLD):  # ...then take each peer's from this rank's
-            if peer != RANK:
-                _take_flag(own_pad + program * WORLD + peer, "acquire")
-        tl.debug_barrier()  # every thread's loads follow the flags
-        for start in range(program * BLOCK, n, stride):  # 3. the sum, in rank order
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < n
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            for source in tl.static_range(WORLD):
-                if source == RANK:
-                    total += tl.load(partial_ptr + offsets, mask=inside).to(tl.float32)
-                else:
-                    theirs = tl.load(buffer_ptrs + source).to(tl.pointer_type(element)) + slot_offset
-                    total += tl.load(theirs + offsets, mask=inside, cache_modifier=".cg").to(tl.float32)
-            result = total.to(element)
-            if HAS_RESIDUAL:
-                residual = tl.load(residual_ptr + offsets, mask=inside).to(tl.float32)
-                result = (residual + result.to(tl.float32)).to(element)
-            tl.store(out_ptr + offsets, result, mask=inside)
 
 
 class P2PAllReduce:
@@ -223,7 +157,9 @@ class P2PAllReduce:
         has_residual = residual is not None
         if has_residual:
             residual = residual.contiguous()
-        _one_shot_kernel[(programs_for(n),)](
+        from serve_tp.engine.p2p_kernel import one_shot_kernel
+
+        one_shot_kernel[(programs_for(n),)](
             partial, residual if has_residual else partial, out, self.buffer_ptrs, self.pad_ptrs, n, slot_offset,
             RANK=self.rank, WORLD=self.world_size, HAS_RESIDUAL=has_residual, PUBLISHED=published,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
