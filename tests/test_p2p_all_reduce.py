@@ -2,7 +2,7 @@
 
 The GPU run (tests/test_gpu.py) checks it over NVLink inside the decode graphs; here the
 flags, the two slots, the grid loop and the residual are checked where CI can run them
-(skipped where triton is not installed). A kernel that reads the wrong rank's or slot's
+(`scripts/setup.sh --dev` installs triton 3.9 beside a CPU torch; skipped without it). A kernel that reads the wrong rank's or slot's
 buffer, or misrounds, gives wrong sums; one that leaves a flag raised leaves a pad non-zero;
 one that never takes its peer's flag hangs the next call until the timeout. Each fails this
 test. Reusing one slot for consecutive calls is a race the interpreter's pace does not show
