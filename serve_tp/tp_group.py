@@ -135,8 +135,9 @@ class TPGroup:
 
     async def _group_gpus(self) -> Optional[list[str]]:
         """Every rank's GPU in rank order, when each has one of its own (None otherwise): the
-        ranks make them all visible when their decode all-reduce reads peers' memory."""
-        if len(self.workers) < 2:
+        ranks make them all visible when their decode all-reduce reads peers' memory (never over
+        NCCL, the default: no round trip then)."""
+        if len(self.workers) < 2 or self.config.gpu_all_reduce == "nccl":
             return None
         ids = await asyncio.gather(*[w.gpu_id.remote() for w in self.workers])
         return list(ids) if all(ids) and len(set(ids)) == len(ids) else None

@@ -38,7 +38,7 @@ from typing import Literal, Optional
 import torch
 
 from serve_tp.engine.p2p_all_reduce import MAX_ROWS as P2P_MAX_ROWS
-from serve_tp.engine.p2p_all_reduce import SLOTS, P2PAllReduce
+from serve_tp.engine.p2p_all_reduce import SLOTS, P2PAllReduce, symmetric_buffer
 from serve_tp.engine.p2p_all_reduce import unavailable as p2p_unavailable
 
 logger = logging.getLogger(__name__)
@@ -92,22 +92,11 @@ class SymmMemAllReduce:
     kind = "symm_mem"
 
     def __init__(self, group, device: torch.device, model_dtype: torch.dtype, elements: int):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        try:
-            symm_mem.set_backend("CUDA")  # peer pointers over NVLink, not NVSHMEM
-        except Exception as exc:  # older torch has one backend only
-            logger.debug("symm_mem.set_backend: %s", exc)
         self.model_dtype = model_dtype
         self.dtype = sum_dtype(model_dtype)
         self.elements = elements
         self.group_name = group.group_name
-        self.buffer = symm_mem.empty(elements, dtype=self.dtype, device=device)
-        handle = symm_mem.rendezvous(self.buffer, self.group_name)  # collective
-        if getattr(handle, "multicast_ptr", 0):
-            # never used (no multimem op is called), but its existence means the
-            # environment did not reach torch: say so loudly
-            logger.warning("symmetric buffer has a multicast address although %s is set", MULTICAST_OFF)
+        self.buffer, _ = symmetric_buffer(elements, self.dtype, device, self.group_name)
         self.out = torch.empty(elements, dtype=self.dtype, device=device)
         self.staged = self.dtype != model_dtype
 

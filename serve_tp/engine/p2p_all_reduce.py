@@ -83,6 +83,25 @@ def unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def symmetric_buffer(elements: int, dtype: torch.dtype, device: torch.device, group_name: str):
+    """(buffer, handle): `elements` of `dtype` in torch's symmetric memory, mapped by every rank
+    of the group (collective). The CUDA backend: peer pointers over NVLink, not NVSHMEM. Shared
+    by this kernel and torch's one-shot (fast_all_reduce.SymmMemAllReduce)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    try:
+        symm_mem.set_backend("CUDA")
+    except Exception as exc:  # older torch has one backend only
+        logger.debug("symm_mem.set_backend: %s", exc)
+    buffer = symm_mem.empty(elements, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(buffer, group_name)
+    if getattr(handle, "multicast_ptr", 0):
+        # never used (no multimem op is called), but its existence means the multicast-off
+        # environment did not reach torch: say so loudly
+        logger.warning("symmetric buffer has a multicast address although multicast is off")
+    return buffer, handle
+
+
 def programs_for(elements: int) -> int:
     """The grid of one call: enough programs for one pass, at most MAX_PROGRAMS."""
     return max(1, min(MAX_PROGRAMS, -(-elements // BLOCK)))
@@ -100,19 +119,9 @@ class P2PAllReduce:
 
     def __init__(self, group, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
                  elements: int):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        try:
-            symm_mem.set_backend("CUDA")  # peer pointers over NVLink, not NVSHMEM
-        except Exception as exc:  # older torch has one backend only
-            logger.debug("symm_mem.set_backend: %s", exc)
         self.rank, self.world_size, self.elements = rank, world_size, elements
         self.model_dtype = dtype  # summed in the model's own dtype: no staging
-        self.buffer = symm_mem.empty(SLOTS * elements, dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(self.buffer, group.group_name)  # collective
-        if getattr(handle, "multicast_ptr", 0):
-            logger.warning("symmetric buffer has a multicast address although multicast is off; "
-                           "this kernel never uses it")
+        self.buffer, handle = symmetric_buffer(SLOTS * elements, dtype, device, group.group_name)
         pad_words = handle.signal_pad_size // 4
         if pad_words < MAX_PROGRAMS * world_size:  # a flag per program and sender
             raise RuntimeError(f"signal pad holds {pad_words} flags, the kernel needs {MAX_PROGRAMS * world_size}")
@@ -141,16 +150,17 @@ class P2PAllReduce:
         """residual + the sum of every rank's `partial` (the sum alone without a residual).
         `cast` is moot: the sum is already in the model's dtype. A call on the slot of the
         call before is refused: a peer may still be reading it (the module docstring)."""
-        if slot % SLOTS == self._last_slot:
-            raise RuntimeError(f"p2p all-reduce called on slot {slot % SLOTS} twice in a row: calls must alternate")
-        self._last_slot = slot % SLOTS
+        slot %= SLOTS
+        if slot == self._last_slot:
+            raise RuntimeError(f"p2p all-reduce called on slot {slot} twice in a row: calls must alternate")
+        self._last_slot = slot
         if partial.dtype != self.model_dtype:
             raise TypeError(f"p2p all-reduce sums {self.model_dtype}, got {partial.dtype}")
         n = partial.numel()
         if n > self.elements:
             raise ValueError(f"{n} elements exceed the p2p buffer's {self.elements}")
         partial = partial.contiguous()
-        slot_offset = (slot % SLOTS) * self.elements
+        slot_offset = slot * self.elements
         # the GEMM wrote it in place (target): published by a finished kernel, no copy
         published = partial.data_ptr() == self.buffer[slot_offset:].data_ptr()
         out = torch.empty_like(partial)
