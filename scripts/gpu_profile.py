@@ -19,7 +19,8 @@ ranks per (shape, TP) times every variant: the decode all-reduce (`--all-reduce`
 p2p kernel or torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce.py) x `--compile`
 (compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
 `--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
-layer, serve_tp/model/decode_attention.py) x `--mlp-epilogue` (off / on: the c_fc GEMM with
+layer, serve_tp/model/decode_attention.py; fused: fused_decode, five Triton kernels a layer
+up to 32 rows, serve_tp/model/fused_linear.py) x `--mlp-epilogue` (off / on: the c_fc GEMM with
 its bias + tanh GELU in cuBLASLt's epilogue where ATen takes it, serve_tp/model/epilogue.py),
 so their rows share GPUs and warm-up. The eager pass also counts the kernels one step
 launches (torch.profiler): the count a graph replays, which sets a small step's time.
@@ -112,8 +113,10 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
         if path != "nccl" and reduce is None:
             results["paths"][variant] = why or "skipped: one rank"
             continue
-        forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=reduce,
-                              compile_decode=compiled, decode_attention=attention, mlp_epilogue=epilogue)
+        fused = attention == "fused"  # fused_decode: Triton's attention, GEMMs with their neighbours fused
+        forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=reduce, compile_decode=compiled,
+                              decode_attention="triton" if fused else attention, mlp_epilogue=epilogue,
+                              fused_decode=fused)
         label = (reduce.description if reduce is not None else comm.all_reduce_kind) if world > 1 else "none"
         results["paths"][variant] = label
         for graphs in (True, False):
@@ -294,7 +297,9 @@ def main():
                         help="each prompt's length: decode steps attend over this many positions and more "
                              "(near --context: the long spans where attention's cost shows)")
     parser.add_argument("--attention", default="sdpa",
-                        help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), comma-separated")
+                        help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), or fused "
+                        "(fused_decode: triton's attention and the GEMMs with their neighbours fused, "
+                        "serve_tp/model/fused_linear.py), comma-separated")
     parser.add_argument("--mlp-epilogue", default="off",
                         help="GPT2Forward's mlp_epilogue: off (addmm, then GELU), on (bias + tanh GELU in the c_fc "
                              "GEMM's cuBLASLt epilogue where ATen takes it), comma-separated")
@@ -310,9 +315,9 @@ def main():
     tps = [int(t) for t in args.tp.split(",")]
     compiles = [COMPILE_CHOICES[c] for c in args.compile.split(",")]
     attentions = args.attention.split(",")
-    unknown = [a for a in attentions if a not in ("sdpa", "triton")]
+    unknown = [a for a in attentions if a not in ("sdpa", "triton", "fused")]
     if unknown:
-        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton")
+        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton, fused")
     unknown = [e for e in args.mlp_epilogue.split(",") if e not in ON_OFF]
     if unknown:
         parser.error(f"unknown --mlp-epilogue {unknown}; choose from off, on")

@@ -34,12 +34,15 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float16" if device == "cuda" else "float32"
 
 
-def check_decode_attention(choice: str, device: str) -> None:
-    """The one rule for decode_attention, named or resolved device alike: the Triton kernel
-    needs a GPU, and a CPU deployment asking for it is refused rather than quietly given SDPA
-    (a setting that silently does nothing would hide a misconfigured benchmark)."""
+def check_decode_attention(choice: str, device: str, fused_decode: bool = False) -> None:
+    """The one rule for the decode step's Triton kernels (decode_attention triton, fused_decode),
+    named or resolved device alike: they need a GPU, and a CPU deployment asking for them is
+    refused rather than quietly given torch's path (a setting that silently does nothing
+    would hide a misconfigured benchmark)."""
     if choice == "triton" and device == "cpu":
         raise ValueError("decode_attention triton needs device cuda (a Triton GPU kernel): use sdpa on cpu")
+    if fused_decode and device == "cpu":
+        raise ValueError("fused_decode needs device cuda (Triton GPU kernels): leave it off on cpu")
 
 
 class AutoscalingSettings(BaseModel):
@@ -192,6 +195,17 @@ class ServeTPConfig(BaseModel):
         "one Triton kernel per layer doing both, each row reading only its own length "
         "(serve_tp/model/decode_attention.py); cuda only, refused on cpu. Default sdpa: on 2xH200 the kernel was exact and cut 17-41 kernels a step, but faster only at batch 32 and at TP=2, slower at TP=1 batch 1 (docs/gpu.md)."
     )
+    fused_decode: bool = Field(
+        False, description="Decode steps of up to 32 rows as five Triton kernels a layer: layer norm + "
+        "Q|K|V GEMM, attention with the cache write (decode_attention's triton kernel), the attention's "
+        "projection with the sum over the ranks and the residual in the GEMM's own kernel, layer norm + "
+        "c_fc + GELU, and the MLP's projection likewise (serve_tp/model/fused_linear.py). The sum goes "
+        "through the p2p all-reduce's buffers where gpu_all_reduce resolves to p2p, else over NCCL after "
+        "the kernel. Larger steps keep the unfused path. cuda only, refused on cpu. Off by default: on "
+        "2xH200 it is exact and runs 40-45% fewer kernels, but its Triton GEMVs read DRAM slower than "
+        "cuBLAS, so a TP=2 step over p2p is only as fast as compile_decode + triton attention (gpt2-large "
+        "1.74 vs 1.75 ms), and a TP=1 step slower (1.70 vs 1.36 ms; docs/gpu.md, 'fused_decode')."
+    )
     sampler_graphs: bool = Field(
         True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "
         "logprobs) as CUDA graphs, one per batch size and feature set, captured on first reuse "
@@ -249,7 +263,7 @@ class ServeTPConfig(BaseModel):
     def _device_dtype(self) -> "ServeTPConfig":
         if self.device != "auto":  # "auto" is resolved, and checked, by resolved_dtype at build time
             resolve_dtype(self.dtype, self.device)
-            check_decode_attention(self.decode_attention, self.device)
+            check_decode_attention(self.decode_attention, self.device, self.fused_decode)
         return self
 
     @model_validator(mode="after")
@@ -294,5 +308,5 @@ class ServeTPConfig(BaseModel):
     def resolved_dtype(self, device: str) -> str:
         """The dtype the ranks load in on `device` (resolve_dtype); ValueError if it cannot run there
         (that dtype, or decode_attention, on that device)."""
-        check_decode_attention(self.decode_attention, device)
+        check_decode_attention(self.decode_attention, device, self.fused_decode)
         return resolve_dtype(self.dtype, device)

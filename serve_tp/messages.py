@@ -51,6 +51,8 @@ class RankSettings:
     compile_decode: bool = False
     # the decode step's K/V write + attention: "sdpa" (index_put + SDPA) or "triton" (one kernel, cuda only)
     decode_attention: Literal["sdpa", "triton"] = "sdpa"
+    # decode steps of up to 32 rows as five Triton kernels a layer (serve_tp/model/fused_linear.py)
+    fused_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class TPGroup:
             gpu_all_reduce=resolve_gpu_all_reduce(config, device, bundle_nodes),
             compile_decode=config.compile_decode and device == "cuda",
             decode_attention=config.decode_attention,  # "triton" on cpu was refused at build time
+            fused_decode=config.fused_decode,  # refused on cpu at build time, as triton attention is
         )
         resources = rank_resources(config, device)
         worker_cls = ray.remote(InferenceWorker)

@@ -83,6 +83,14 @@ def test_triton_decode_attention_needs_cuda_named_or_resolved():
         ServeTPConfig(device="cpu", decode_attention="triton")
 
 
+def test_fused_decode_needs_cuda_named_or_resolved():
+    assert ServeTPConfig(device="cuda", fused_decode=True).resolved_dtype("cuda") == "float16"
+    with pytest.raises(ValueError, match="fused_decode needs device cuda"):
+        ServeTPConfig(fused_decode=True).resolved_dtype("cpu")
+    with pytest.raises(ValueError, match="fused_decode needs device cuda"):
+        ServeTPConfig(device="cpu", fused_decode=True)
+
+
 def test_unreachable_hub_model_names_the_offline_option(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on

@@ -210,6 +210,54 @@ def test_compiled_decode_fp32_matches_one_process_over_p2p(gpu_model, prompts, f
     assert other == tokens
 
 
+@two_gpus
+def test_fused_decode_fp32_matches_one_process_over_p2p(gpu_model, prompts, fp32_reference):
+    """fused_decode (serve_tp/model/fused_linear.py) at TP=2 in CUDA graphs: each row-parallel
+    GEMM sums its tiles over the ranks through the p2p buffers in its own kernel."""
+    tokens, _, other, info = _tokens_and_info(gpu_model, prompts, "float32", gpu_all_reduce="p2p",
+                                              fused_decode=True)
+    assert info["fused_decode"] is True and info["decode_all_reduce"].startswith("p2p"), info
+    assert tokens == fp32_reference, [first_divergence(a, b) for a, b in zip(tokens, fp32_reference)]
+    assert other == tokens
+
+
+@two_gpus
+def test_fp16_fused_decode_sums_in_the_gemm_as_nccl_sums_after_it(gpu_model, prompts):
+    """The fused GEMM's sum over the ranks (float32 in rank order, rounded once, then the
+    residual) is NCCL's correctly rounded two-rank sum followed by the eager residual add:
+    fused_decode over p2p gives the logits of fused_decode over NCCL bit for bit (the same
+    GEMM kernel makes each partial). Control: NCCL against itself."""
+    nccl_tokens, nccl_logits, _, nccl_info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl",
+                                                              fused_decode=True)
+    _, again_logits, _, _ = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="nccl", fused_decode=True)
+    tokens, logits, other, info = _tokens_and_info(gpu_model, prompts, "float16", gpu_all_reduce="p2p",
+                                                   fused_decode=True)
+    assert nccl_info["fused_decode"] and info["fused_decode"] and info["decode_all_reduce"].startswith("p2p")
+    assert torch.equal(again_logits, nccl_logits), "control: NCCL is not deterministic run to run here"
+    assert torch.equal(logits, nccl_logits)
+    assert tokens == nccl_tokens and other == tokens
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_fused_decode_fp32_within_rounding_of_the_eager_step(gpu_model, cuda_graphs):
+    """fused_decode on one GPU, fp32 (IEEE: no TF32), against float64: within a small multiple
+    of the eager step's own error (the control), the same greedy tokens; rows cross the
+    attention kernel's 64-position blocks at different lengths in one batch."""
+    from serve_tp.model.forward import GPT2Forward
+    from serve_tp.model.loader import load_shard
+
+    shard = load_shard(gpu_model, "float32", torch.device("cuda", 0), 0, 1)
+    prompts = [[5 + (i * 7) % 40 for i in range(n)] for n in (3, 70, 120, 1)]
+    fused = _decode_record(GPT2Forward(shard, fused_decode=True), prompts, 40, cuda_graphs)
+    eager = _decode_record(GPT2Forward(shard), prompts, 40, cuda_graphs)
+    exact = _decode_record(GPT2Forward(shard.double()), prompts, 40, False)
+    err = max((f.double() - e.double()).abs().max().item() for f, e in zip(fused, exact))
+    control = max((s.double() - e.double()).abs().max().item() for s, e in zip(eager, exact))
+    print(f"\nfused vs float64 {err:.2e}, eager vs float64 (control) {control:.2e}")
+    assert [f.argmax(-1).tolist() for f in fused] == [s.argmax(-1).tolist() for s in eager]
+    assert err <= 4 * control, (err, control)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_sampler_graph_replays_equal_the_eager_sampler_bit_for_bit(dtype):
     """Every feature set, batch sizes 1..32, slot moves between steps, GPT-2's vocabulary.

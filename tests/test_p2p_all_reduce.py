@@ -25,14 +25,17 @@ pytest.importorskip("triton", minversion="3.9")
 HARNESS = Path(__file__).with_name("p2p_interpreted.py")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["one-shot", "fused-gemm"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_gets_the_sum_rounded_once_and_the_pads_return_to_zero(world):
+def test_every_rank_gets_the_sum_rounded_once_and_the_pads_return_to_zero(world, fused):
+    """one-shot: the all-reduce kernel; fused-gemm: P2PAllReduce.linear, whose GEMM programs
+    sum their own tiles over the ranks (fused_decode)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HARNESS), str(world)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, str(HARNESS), str(world)] + (["fused"] if fused else []), env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     calls = report["calls"]
-    assert len(calls) == world * 6 and all(equal for _, _, equal in calls), calls
+    assert len(calls) == world * (4 if fused else 6) and all(equal for _, _, equal in calls), calls
     assert report["pads_left"] == 0 and report["exit_codes"] == [0] * world
 

@@ -122,9 +122,9 @@ class P2PAllReduce:
         self.rank, self.world_size, self.elements = rank, world_size, elements
         self.model_dtype = dtype  # summed in the model's own dtype: no staging
         self.buffer, handle = symmetric_buffer(SLOTS * elements, dtype, device, group.group_name)
-        pad_words = handle.signal_pad_size // 4
-        if pad_words < MAX_PROGRAMS * world_size:  # a flag per program and sender
-            raise RuntimeError(f"signal pad holds {pad_words} flags, the kernel needs {MAX_PROGRAMS * world_size}")
+        self.pad_words = handle.signal_pad_size // 4
+        if self.pad_words < MAX_PROGRAMS * world_size:  # a flag per program and sender
+            raise RuntimeError(f"signal pad holds {self.pad_words} flags, the kernel needs {MAX_PROGRAMS * world_size}")
         # The peers' addresses, as this process maps them, in a device table the kernel reads:
         # passed as tensors, a peer's memory fails Triton's launch-time pointer check.
         self.buffer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
@@ -145,15 +145,39 @@ class P2PAllReduce:
         start = (slot % SLOTS) * self.elements
         return self.buffer[start: start + rows * width].view(rows, width)
 
-    def __call__(self, partial: torch.Tensor, cast: bool = True, residual: Optional[torch.Tensor] = None,
-                 slot: int = 0) -> torch.Tensor:
-        """residual + the sum of every rank's `partial` (the sum alone without a residual).
-        `cast` is moot: the sum is already in the model's dtype. A call on the slot of the
-        call before is refused: a peer may still be reading it (the module docstring)."""
+    def _take_slot(self, slot: int) -> int:
+        """The slot of this call, refused when it is the call before's: a peer may still be
+        reading it (the module docstring)."""
         slot %= SLOTS
         if slot == self._last_slot:
             raise RuntimeError(f"p2p all-reduce called on slot {slot} twice in a row: calls must alternate")
         self._last_slot = slot
+        return slot
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, slot: int = 0) -> torch.Tensor:
+        """residual + the sum over the ranks of x @ weight (+ bias: rank 0 passes it), as one
+        kernel: the GEMM's tiles go into this rank's buffer and are summed with the peers'
+        tiles by the same programs (serve_tp/model/fused_linear.py, `fused_decode`)."""
+        from serve_tp.model import fused_linear
+
+        rows, width = x.shape[0], weight.shape[1]
+        if not self.fits(rows, width) or rows > fused_linear.MAX_ROWS:
+            raise ValueError(f"{rows} x {width} exceeds the fused p2p sum")
+        if fused_linear.grid(width) * self.world_size > self.pad_words:
+            raise ValueError(f"{fused_linear.grid(width)} programs need more flags than the pad's {self.pad_words}")
+        if x.dtype != self.model_dtype:
+            raise TypeError(f"p2p sums {self.model_dtype}, got {x.dtype}")
+        slot = self._take_slot(slot)
+        exchange = (self.buffer_ptrs, self.pad_ptrs, slot * self.elements, self.rank, self.world_size)
+        return fused_linear.linear_sum(x, weight, bias, residual, exchange)
+
+    def __call__(self, partial: torch.Tensor, cast: bool = True, residual: Optional[torch.Tensor] = None,
+                 slot: int = 0) -> torch.Tensor:
+        """residual + the sum of every rank's `partial` (the sum alone without a residual).
+        `cast` is moot: the sum is already in the model's dtype. Calls alternate slots
+        (`_take_slot`)."""
+        slot = self._take_slot(slot)
         if partial.dtype != self.model_dtype:
             raise TypeError(f"p2p all-reduce sums {self.model_dtype}, got {partial.dtype}")
         n = partial.numel()

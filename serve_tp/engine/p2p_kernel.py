@@ -9,23 +9,9 @@ compiled then).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _raise_flag(flag_ptr, SEM: tl.constexpr):
-    """Set a peer's flag 0 -> 1 (with SEM "release": after this program's earlier stores);
-    spin while the peer has not yet reset the previous call's flag."""
-    old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
-    while old != 0:
-        old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
-
-
-@triton.jit
-def _take_flag(flag_ptr, SEM: tl.constexpr):
-    """Wait for a peer's flag in this rank's pad and reset it 1 -> 0 (with SEM "acquire":
-    before this program's later loads)."""
-    old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
-    while old != 1:
-        old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
+# the flags' compare-and-swap, shared with the fused GEMM + sum (serve_tp/model/fused_linear.py)
+from serve_tp.model.fused_linear import raise_flag as _raise_flag
+from serve_tp.model.fused_linear import take_flag as _take_flag
 
 
 @triton.jit

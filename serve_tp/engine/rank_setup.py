@@ -64,6 +64,7 @@ class RankSetup:
             "cuda_graphs": self.batch.runner.graph_count,
             "compiled_decode": self.forward.compiled is not None,
             "decode_attention": self.forward.decode_attention,
+            "fused_decode": self.forward.fused is not None,
             "load_s": round(self.load_s, 2),
         }
 
@@ -153,7 +154,8 @@ def setup_rank(rank: int, world_size: int, address: str, port: int, settings: Ra
             settings.gpu_all_reduce, rank, world_size, device, shard.dtype, settings.max_batch_size,
             shard.config.n_embd, comm.control_group)
     forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=decode_sum,
-                          compile_decode=settings.compile_decode, decode_attention=settings.decode_attention)
+                          compile_decode=settings.compile_decode, decode_attention=settings.decode_attention,
+                          fused_decode=settings.fused_decode)
     batch = SequenceBatch(forward, settings.max_batch_size, settings.context_length, cuda_graphs=settings.cuda_graphs)
     batch.capture()
     setup = RankSetup(rank, world_size, device, backend, model_dir, comm, shard, forward, batch,

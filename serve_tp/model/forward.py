@@ -65,7 +65,7 @@ class GPT2Forward:
 
     def __init__(self, shard: GPT2Shard, all_reduce: Optional[AllReduce] = None,
                  decode_all_reduce: Optional["DecodeAllReduce"] = None, compile_decode: Union[bool, str] = False,
-                 decode_attention: str = "sdpa", mlp_epilogue: bool = False):
+                 decode_attention: str = "sdpa", mlp_epilogue: bool = False, fused_decode: bool = False):
         plan = shard.plan
         if plan.world_size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {plan.world_size}-rank plan needs the group's all_reduce")
@@ -98,6 +98,10 @@ class GPT2Forward:
 
             check_usable(self.device)
             self._attention_kernel = kernel
+        # steps of up to fused_linear.MAX_ROWS rows as five Triton kernels a layer (fused_linear.py)
+        self.fused = None
+        if fused_decode:
+            self.fused = self._fused_kernels(shard.config.activation_function)
         self.compiled = None  # torch.compile'd pieces of decode (compiled.py), when asked and possible
         if compile_decode:
             from serve_tp.model.compiled import compiled_pieces, gelu_approximation
@@ -109,6 +113,22 @@ class GPT2Forward:
             else:
                 # True: Inductor's default mode; a string: that mode (gpu_profile.py --compile max)
                 self.compiled = compiled_pieces(compile_decode if isinstance(compile_decode, str) else "default")
+
+    def _fused_kernels(self, activation: str):
+        """fused_linear (and the attention kernel it runs beside), or None with a warning
+        where the model's activation has no fused epilogue."""
+        from serve_tp.model import fused_linear
+        from serve_tp.model.compiled import gelu_approximation
+        from serve_tp.model.decode_attention import check_usable, decode_attention as kernel
+
+        self.gelu = gelu_approximation(activation)
+        if self.gelu is None:
+            logger.warning("fused_decode: activation %s has no fused epilogue; decode stays unfused", activation)
+            return None
+        check_usable(self.device)
+        # the fused step's attention is Triton's kernel, and so is that of steps too large to fuse
+        self._attention_kernel, self.decode_attention = kernel, "triton"
+        return fused_linear
 
     def new_cache(self, slots: int, max_len: int) -> "KVCache":
         return KVCache(self.num_layers, slots, self.num_heads, max_len, self.head_dim, self.dtype, self.device)
@@ -224,6 +244,8 @@ class GPT2Forward:
         after each row's own. Static shapes for fixed B and span; no host synchronisation,
         so it can be captured as a CUDA graph.
         """
+        if self.fused is not None and tokens.shape[0] <= self.fused.MAX_ROWS:
+            return self._decode_fused(cache, tokens, positions, span)
         rows = mask = None  # the Triton kernel needs neither: each row stops at its own position
         if self.decode_attention == "sdpa":
             rows, mask = sdpa_decode_mask(positions, span, self.dtype)
@@ -235,6 +257,36 @@ class GPT2Forward:
             h = self._row_parallel(attn, block.attn_proj, decode=True, residual=h, slot=0)
             h = self._mlp(block, h, decode=True)
         return self._logits(h)
+
+    def _decode_fused(self, cache: "KVCache", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """decode() as five launches a layer: layer norm + Q|K|V, attention with the cache
+        write, the attention's projection + sum + residual, layer norm + c_fc + GELU, the
+        MLP's projection + sum + residual (fused_linear.py)."""
+        fused, batch = self.fused, tokens.shape[0]
+        h = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+        for layer, block in enumerate(self.blocks):
+            qkv = fused.ln_linear(h, block.ln_1, block.c_attn.weight, block.c_attn.bias)
+            attn = self._attention_kernel(qkv.view(batch, 3, self.num_heads, self.head_dim), cache.kv[layer],
+                                          positions, span, self.scales[layer])
+            h = self._fused_row_parallel(attn, block.attn_proj, h, slot=0)
+            x = fused.ln_linear(h, block.ln_2, block.c_fc.weight, block.c_fc.bias, gelu=self.gelu)
+            h = self._fused_row_parallel(x, block.mlp_proj, h, slot=1)
+        return self._logits(h)
+
+    def _fused_row_parallel(self, x: torch.Tensor, linear: Conv1DWeights, residual: torch.Tensor,
+                            slot: int) -> torch.Tensor:
+        """residual + x @ W summed over the ranks, in the GEMM's own kernel where the p2p
+        all-reduce's buffers can take it (else the kernel's partial goes through the group's
+        all-reduce). Rank 0 adds the bias, as in _row_parallel."""
+        bias = linear.bias if self.rank == 0 else None
+        if self.world_size == 1:
+            return self.fused.linear_sum(x, linear.weight, bias, residual)
+        fast = self.decode_all_reduce
+        if hasattr(fast, "linear") and fast.fits(x.shape[0], linear.weight.shape[1]):
+            return fast.linear(x, linear.weight, bias, residual, slot=slot)
+        partial = self.fused.linear_sum(x, linear.weight, bias)
+        self.all_reduce(partial)
+        return residual + partial
 
     def _attend(self, cache: "KVCache", layer: int, qkv: torch.Tensor, rows, positions, mask, span: int):
         """Store this token's K/V in its slot, attend over the first `span` positions: [B, heads * D]."""

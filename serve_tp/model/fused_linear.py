@@ -1,0 +1,273 @@
+"""A decode layer's GEMMs as Triton kernels with their neighbours fused in (`fused_decode`).
+
+Replayed as a CUDA graph, a decode step of up to 32 rows is bound by how many kernels it
+runs, not by the bytes they read: a compiled GPT-2 layer still launches 9 kernels at TP=1 and
+10 at TP=2, at ~4 µs each on H200 (docs/gpu.md, "Kernels per decode step"). cuBLAS takes no
+layer norm in its prologue and no all-reduce in its epilogue, so these kernels do both:
+
+- `ln_linear`: layer norm in the GEMM's prologue (each program normalises the rows it
+  multiplies: the rows are few, the width at most a few thousand), bias and GELU in its
+  epilogue. A layer's Q|K|V and its c_fc are one launch each.
+- `linear_sum`: the row-parallel GEMM, rank 0's bias, the sum over the ranks and the
+  residual add in one launch. With a peer exchange (the p2p all-reduce's symmetric buffers,
+  serve_tp/engine/p2p_all_reduce.py), each program writes its tile of this rank's partial
+  into its buffer, raises a flag in each peer's signal pad, waits for theirs, and sums the
+  same tile of every rank's partial in rank order: the all-reduce of one tile overlaps the
+  GEMM of the others, and no separate all-reduce kernel runs.
+
+With Triton's attention kernel (decode_attention.py) a layer is five launches at any TP.
+
+Numerics mirror the eager step's roundings: the normalised rows are rounded to the model's
+dtype before the GEMM (F.layer_norm's output), the GEMM accumulates in float32 and rounds
+once after its bias (addmm), GELU runs on that rounded value, and the sum over the ranks
+is the p2p kernel's (float32 in rank order, rounded once), the residual added after it.
+What differs is the order of the float32 additions inside the GEMM and the norm; fp32
+models multiply in IEEE fp32 (no TF32). tests/test_fused_linear.py holds them to the
+eager path within what rounding alone does.
+
+The flag protocol (raise 0 -> 1 in the peer's pad, take 1 -> 0 in one's own; program p meets
+program p) and the two alternating buffer slots are p2p_all_reduce.py's; its docstring says
+why they are safe. The grid depends only on the output width, so it is the same on every rank.
+
+Measured on 2xH200 (docs/gpu.md, "fused_decode"): a step runs 40-45% fewer kernels (gpt2 112
+-> 67, gpt2-large 328 -> 187), and each kernel replaces two or three of torch's at about
+their cost when the GEMM is wide (Q|K|V, c_fc) but not when it is narrow and deep (a TP=1
+MLP projection, K 5120 x N 1280: 12.8 vs 10.4 µs, one program per 16 columns and no split
+of K). So a TP=2 step over p2p is as fast as the compiled step with Triton attention, and a
+TP=1 step slower: off by default. Split-K for the narrow GEMMs is what is left.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: fused_decode is refused there (config.py)
+    triton = tl = None
+
+MAX_ROWS = 32  # steps of more rows take the unfused path: the tile holds every row
+# Launch settings, module-level so scripts/fused_linear_bench.py can sweep them; these won its
+# sweep on H200 (gpt2-large's pieces, one row, weights from DRAM: docs/results/h200x2/fused/call3/).
+# BLOCK_K 128 with a two-pass norm, the first guess, took about twice as long.
+BLOCK_K = 256
+NUM_WARPS = 4
+NUM_STAGES = 4
+ONE_PASS_STATS = True  # the layer norm's statistics from one read of the rows (_row_stats)
+GELU = {"none": 0, "tanh": 1, "erf": 2}
+
+
+def block_rows(rows: int) -> int:
+    """The tile's rows: tl.dot needs 16 or more."""
+    return 16 if rows <= 16 else 32
+
+
+def block_cols(width: int) -> int:
+    """Output columns per program: enough programs to cover H100/H200's 132 SMs where the
+    width allows (16 columns is tl.dot's least). One program per column block, every row."""
+    for cols in (64, 32):
+        if -(-width // cols) >= 96:
+            return cols
+    return 16
+
+
+def grid(width: int) -> int:
+    return -(-width // block_cols(width))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 models multiply in IEEE fp32: TF32 would round each input to 10 bits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+
+    @triton.jit
+    def raise_flag(flag_ptr, SEM: tl.constexpr):
+        """Set a peer's flag 0 -> 1 (with SEM "release": after this program's earlier stores);
+        spin while the peer has not yet reset the previous call's flag."""
+        old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
+        while old != 0:
+            old = tl.atomic_cas(flag_ptr, 0, 1, sem=SEM, scope="sys")
+
+    @triton.jit
+    def take_flag(flag_ptr, SEM: tl.constexpr):
+        """Wait for a peer's flag in this rank's pad and reset it 1 -> 0 (with SEM "acquire":
+        before this program's later loads)."""
+        old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
+        while old != 1:
+            old = tl.atomic_cas(flag_ptr, 1, 0, sem=SEM, scope="sys")
+
+    @triton.jit
+    def _row_stats(x_ptr, x_stride, rows, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ONE_PASS: tl.constexpr):
+        """Each row's mean and 1/sqrt(variance + eps) over its K values in fp32: two passes
+        (mean, then the centred squares), or ONE_PASS (sums of x and x^2 from one read: half
+        the loads before the GEMM starts, a variance that cancels where |mean| >> spread)."""
+        m = tl.arange(0, BLOCK_M)
+        row_ok = m < rows
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            ok = row_ok[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            total += tl.sum(x, axis=1)
+            if ONE_PASS:
+                squares += tl.sum(x * x, axis=1)
+        mean = total / K
+        if ONE_PASS:
+            variance = tl.maximum(squares / K - mean * mean, 0.0)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                ok = row_ok[:, None] & (k < K)[None, :]
+                x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=ok, other=0.0).to(tl.float32)
+                centred = tl.where(ok, x - mean[:, None], 0.0)
+                squares += tl.sum(centred * centred, axis=1)
+            variance = squares / K
+        return mean, 1.0 / tl.sqrt(variance + eps)
+
+    @triton.jit
+    def _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, mean, rstd, ln_w_ptr, ln_b_ptr,
+                   NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32: rows of x (layer-normed when NORM, rounded to the weight's
+        dtype as F.layer_norm's output is) times columns n0.. of W [K, N]."""
+        m = tl.arange(0, BLOCK_M)
+        n = n0 + tl.arange(0, BLOCK_N)
+        row_ok = m < rows
+        n_ok = n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                gain = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                shift = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gain[None, :] + shift[None, :]
+                x = x.to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + k[:, None] * w_stride_k + n[None, :] * w_stride_n,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _gelu(x, KIND: tl.constexpr):
+        """GPT-2's GELU in float32: tanh's approximation (gelu_new) or erf's (gelu)."""
+        if KIND == 1:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi); a global must be constexpr
+            tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh, overflow-safe: exp -> inf gives 1
+            return 0.5 * x * (1.0 + tanh)
+        else:
+            return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def ln_linear_kernel(x_ptr, x_stride, rows, K, eps, ln_w_ptr, ln_b_ptr, w_ptr, w_stride_k, w_stride_n, bias_ptr,
+                         out_ptr, N, GELU_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ONE_PASS: tl.constexpr):
+        n0 = tl.program_id(0) * BLOCK_N
+        mean, rstd = _row_stats(x_ptr, x_stride, rows, K, eps, BLOCK_M, BLOCK_K, ONE_PASS)
+        acc = _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, mean, rstd, ln_w_ptr,
+                         ln_b_ptr, True, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        m = tl.arange(0, BLOCK_M)
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        element = out_ptr.dtype.element_ty
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        result = acc.to(element)  # addmm's rounding
+        if GELU_KIND != 0:
+            result = _gelu(result.to(tl.float32), GELU_KIND).to(element)
+        tl.store(out_ptr + m[:, None] * N + n[None, :], result, mask=(m < rows)[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def linear_sum_kernel(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, bias_ptr, residual_ptr, out_ptr, N,
+                          buffer_ptrs, pad_ptrs, slot_offset, RANK: tl.constexpr, WORLD: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        program = tl.program_id(0)
+        n0 = program * BLOCK_N
+        acc = _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, None, None, None, None,
+                         False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        m = tl.arange(0, BLOCK_M)
+        n = n0 + tl.arange(0, BLOCK_N)
+        ok = (m < rows)[:, None] & (n < N)[None, :]
+        offsets = m[:, None] * N + n[None, :]
+        element = out_ptr.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        part = acc.to(element)  # this rank's partial, rounded as its GEMM's output would be
+        if WORLD > 1:
+            mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(element)) + slot_offset
+            tl.store(mine + offsets, part, mask=ok)
+            tl.debug_barrier()  # every thread's stores precede the flag's release
+            own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
+                    raise_flag(pad + program * WORLD + RANK, "release")
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    take_flag(own_pad + program * WORLD + peer, "acquire")
+            tl.debug_barrier()  # every thread's loads follow the flags
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for source in tl.static_range(WORLD):
+                if source == RANK:
+                    total += part.to(tl.float32)
+                else:
+                    theirs = tl.load(buffer_ptrs + source).to(tl.pointer_type(element)) + slot_offset
+                    total += tl.load(theirs + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            part = total.to(element)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            part = (residual + part.to(tl.float32)).to(element)
+        tl.store(out_ptr + offsets, part, mask=ok)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    rows, width = x.shape
+    if rows > MAX_ROWS:
+        raise ValueError(f"fused linear takes at most {MAX_ROWS} rows, got {rows}")
+    if weight.shape[0] != width or x.stride(1) != 1 or x.dtype != weight.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not multiply weight {tuple(weight.shape)} {weight.dtype}")
+
+
+def ln_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor,
+              gelu: str = "none") -> torch.Tensor:
+    """GELU?(layer_norm(x) @ weight + bias) in one launch: x [rows, K] (rows <= MAX_ROWS),
+    weight [K, N] (Conv1D's layout), bias [N]. Returns [rows, N] in x's dtype."""
+    _check(x, weight)
+    rows, width = x.shape
+    out_width = weight.shape[1]
+    out = torch.empty((rows, out_width), dtype=x.dtype, device=x.device)
+    ln_linear_kernel[(grid(out_width),)](
+        x, x.stride(0), rows, width, norm.eps, norm.weight, norm.bias, weight, weight.stride(0), weight.stride(1),
+        bias, out, out_width, GELU_KIND=GELU[gelu], BLOCK_M=block_rows(rows), BLOCK_N=block_cols(out_width),
+        BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype), ONE_PASS=ONE_PASS_STATS, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
+    return out
+
+
+def linear_sum(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, exchange: Optional[tuple] = None) -> torch.Tensor:
+    """residual + sum over the ranks of (x @ weight + bias), in one launch.
+
+    Without `exchange`: this rank's x @ weight (+ bias) (+ residual) alone. With it, the
+    p2p all-reduce's `(buffer_ptrs, pad_ptrs, slot_offset, rank, world)` (p2p_all_reduce.py
+    makes it, and owns the slot rule): every rank of the group must make the same call."""
+    _check(x, weight)
+    rows, width = x.shape
+    out_width = weight.shape[1]
+    out = torch.empty((rows, out_width), dtype=x.dtype, device=x.device)
+    buffer_ptrs, pad_ptrs, slot_offset, rank, world = exchange or (x, x, 0, 0, 1)
+    linear_sum_kernel[(grid(out_width),)](
+        x, x.stride(0), rows, width, weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else x, residual.contiguous() if residual is not None else x, out, out_width,
+        buffer_ptrs, pad_ptrs, slot_offset, RANK=rank, WORLD=world, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_rows(rows), BLOCK_N=block_cols(out_width),
+        BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return out
