@@ -2,7 +2,8 @@
 # fused_decode (issue #13, serve_tp/model/fused_linear.py) on a 2-GPU device machine, one call:
 #   run(command="bash scripts/gpu_fused.sh", carry=[".whl"], kind="nvidia-h200-x2", timeout_s=600)
 # 1. fused_linear_bench.py: each fused kernel against the torch kernels it replaces, in CUDA
-#    graphs, at every column block (SKIP_BENCH=1 skips it).
+#    graphs, weights from DRAM, at every column block (SKIP_BENCH=1 skips it); SWEEP=1 runs its
+#    sweep of launch settings instead (gpt2-large, one row; what set fused_linear's defaults).
 # 2. pytest -m gpu -k "$TESTS" (default: the fused tests and the fp16 p2p-vs-NCCL one): fused fp32 =
 #    float64 within the eager step's control on one GPU; fused TP=2 over p2p = one process; fp16
 #    fused over p2p bitwise fused over NCCL (SKIP_TESTS=1 skips it).
@@ -15,7 +16,8 @@ M=models/tiny-gpt2
 FILTER="Warning\|warn\|DeepSpeed\|^\[\|^INFO"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== fused kernels alone ($(left) s left)"
-  timeout ${BENCH_S:-90} python3 scripts/fused_linear_bench.py --md "$OUT/fused_kernels.md" 2>&1 | grep -v "$FILTER" | tail -40
+  timeout ${BENCH_S:-120} python3 scripts/fused_linear_bench.py $([ "${SWEEP:-0}" = 1 ] && echo --sweep) \
+    --md "$OUT/fused_kernels.md" 2>&1 | grep -v "$FILTER" | tail -40
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== tests ($(left) s left)"

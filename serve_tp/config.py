@@ -202,9 +202,9 @@ class ServeTPConfig(BaseModel):
         "c_fc + GELU, and the MLP's projection likewise (serve_tp/model/fused_linear.py). The sum goes "
         "through the p2p all-reduce's buffers where gpu_all_reduce resolves to p2p, else over NCCL after "
         "the kernel. Larger steps keep the unfused path. cuda only, refused on cpu. Off by default: on "
-        "2xH200 it is exact and runs 40-45% fewer kernels, but its Triton GEMVs read DRAM slower than "
+        "2xH200 it is exact and runs 40-49% fewer kernels, but its Triton GEMVs read DRAM slower than "
         "cuBLAS, so a TP=2 step over p2p is only as fast as compile_decode + triton attention (gpt2-large "
-        "1.74 vs 1.75 ms), and a TP=1 step slower (1.70 vs 1.36 ms; docs/gpu.md, 'fused_decode')."
+        "1.74 vs 1.75 ms), and a TP=1 step slower (1.70 vs 1.36 ms; docs/gpu.md, 'Fused decode layers')."
     )
     sampler_graphs: bool = Field(
         True, description="Replay rank 0's sampling chain (temperature, top-k/top-p, penalties, "

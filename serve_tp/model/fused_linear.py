@@ -29,8 +29,8 @@ The flag protocol (raise 0 -> 1 in the peer's pad, take 1 -> 0 in one's own; pro
 program p) and the two alternating buffer slots are p2p_all_reduce.py's; its docstring says
 why they are safe. The grid depends only on the output width, so it is the same on every rank.
 
-Measured on 2xH200 (docs/gpu.md, "fused_decode"): a step runs 40-45% fewer kernels (gpt2 112
--> 67, gpt2-large 328 -> 187), and each kernel replaces two or three of torch's at about
+Measured on 2xH200 (docs/gpu.md, "Fused decode layers"): a step runs 40-49% fewer kernels
+(gpt2-large 328 -> 187 at TP=1, 364 -> 187 at TP=2), and each kernel replaces two or three of torch's at about
 their cost when the GEMM is wide (Q|K|V, c_fc) but not when it is narrow and deep (a TP=1
 MLP projection, K 5120 x N 1280: 12.8 vs 10.4 µs, one program per 16 columns and no split
 of K). So a TP=2 step over p2p is as fast as the compiled step with Triton attention, and a
