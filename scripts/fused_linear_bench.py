@@ -121,8 +121,9 @@ def main():
                     results.append((graph_us([patched(settings, f) for f in fused]), values))
                 ranked = sorted(results)
                 for took, values in ranked[:4] + [r for r in ranked[4:] if r[1] == default]:
+                    mark = " (default)" if values == default else ""
                     lines.append(f"| {tp} | {rows} | {piece} | {base:.1f} | {took:.1f} | "
-                                 + " | ".join(str(v) for v in values) + (" (default)" if values == default else "") + " |")
+                                 + " | ".join(str(v) for v in values) + mark + " |")
                     print(lines[-1], flush=True)
                 del eager, fused
                 torch.cuda.empty_cache()
