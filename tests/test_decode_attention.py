@@ -15,26 +15,20 @@ accumulates in fp32 and rounds once, lies within half an ulp of the exact result
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install triton): the kernel's tests need it", allow_module_level=True)
-if not torch.cuda.is_available():
-    # no GPU: the kernel on CPU tensors, in numpy. Set before triton is first imported: its own
-    # library functions (tl.max...) are made interpreted or compiled when it is.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_kernels import kernel_device, use_interpreter_without_gpu
+
+# no GPU: the kernel on CPU tensors, in numpy. Set before triton is first imported: its own
+# library functions (tl.max...) are made interpreted or compiled when it is.
+use_interpreter_without_gpu()
 
 import serve_tp.model.decode_attention as kernel_module  # noqa: E402
 from serve_tp.model.forward import sdpa_decode_attention, sdpa_decode_mask  # noqa: E402
 
-if not torch.cuda.is_available() and not kernel_module.interpreting():
-    pytest.skip("triton was imported before TRITON_INTERPRET could be set; run this module on its own "
-                "or with TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = torch.device("cpu" if kernel_module.interpreting() else "cuda")
+DEVICE = kernel_device()
 SCALE = 0.125  # 1 / sqrt(64)
 MAX_LEN, SPAN = 256, 200  # a span that is no multiple of the kernel's block of positions
 

@@ -12,25 +12,19 @@ and on GPUs tests/test_gpu.py's.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install triton): the kernels' tests need it", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_kernels import kernel_device, use_interpreter_without_gpu
 
-from serve_tp.model import decode_attention, fused_linear  # noqa: E402
+use_interpreter_without_gpu()  # before the kernels' module imports triton
 
-if not torch.cuda.is_available() and not decode_attention.interpreting():
-    pytest.skip("triton was imported before TRITON_INTERPRET could be set; run this module on its own "
-                "or with TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = torch.device("cpu" if decode_attention.interpreting() else "cuda")
+from serve_tp.model import fused_linear  # noqa: E402
+
+DEVICE = kernel_device()
 
 
 def _err(a, b) -> float:
