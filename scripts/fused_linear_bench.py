@@ -9,7 +9,8 @@ rows), 1 and 32 rows, fp16: µs per call of
 - layer norm + c_fc + bias + GELU: F.layer_norm + addmm + F.gelu (3) vs `ln_linear(gelu="tanh")`;
 - the MLP's projection + bias + residual, one rank's partial: addmm + add (2) vs `linear_sum`
   (without the exchange: the sum over ranks is the p2p kernel's, timed by allreduce_bench.py),
-the fused ones at each output-column block (16, 32, 64) beside the default rule (`block_cols`).
+the fused ones with the default launch (split-K: `fused_linear.plan`) beside the unsplit one
+(one program per column tile of the `block_cols` rule, K whole: the first kernels).
 
 Weights come from DRAM, as in a decode step: each graph cycles through enough copies of a
 piece's weights (at least 256 MB) that none is still in L2 (H200: 50 MB) when its turn comes
@@ -17,8 +18,9 @@ again. A first version reused one copy, L2-resident, and flattered the Triton ke
 whose loads have less in flight than cuBLAS's (docs/gpu.md, "fused_decode"). The time is the
 mean over 20 replays of a graph of one call per copy.
 
-`--sweep`: gpt2-large's pieces at TP 1 and 2, one row, over fused_linear's launch settings
-(BLOCK_K, NUM_WARPS, NUM_STAGES, ONE_PASS_STATS): per piece the best four and the defaults.
+`--sweep`: gpt2-large's pieces at TP 1 and 2, 1 and 32 rows, over fused_linear's launch
+settings (BLOCK_K, NUM_STAGES, PROGRAMS, BLOCK_N; NUM_WARPS 4 and the one-pass norm won the
+first sweep): per piece the best four and the defaults.
 """
 
 import argparse
@@ -36,7 +38,8 @@ from serve_tp.model import fused_linear  # noqa: E402
 WIDTHS = {"gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600}
 COLD_BYTES = 256 * 2**20
 REPLAYS = 20
-SWEEP = dict(BLOCK_K=(64, 128, 256), NUM_WARPS=(4, 8), NUM_STAGES=(3, 4), ONE_PASS_STATS=(False, True))
+SWEEP = dict(BLOCK_K=(128, 256), NUM_STAGES=(3, 4), PROGRAMS=(0, 132, 264), BLOCK_N=(None, 64))
+UNSPLIT = dict(PROGRAMS=0, BLOCK_N=None)
 
 
 def graph_us(calls) -> float:
@@ -63,17 +66,23 @@ def graph_us(calls) -> float:
 
 
 def patched(settings: dict, fn):
-    """fn with fused_linear's module settings replaced (block_cols: a fixed column block)."""
+    """fn with fused_linear's module settings replaced."""
     def call():
         saved = {name: getattr(fused_linear, name) for name in settings}
         for name, value in settings.items():
-            setattr(fused_linear, name, (lambda width, v=value: v) if name == "block_cols" else value)
+            setattr(fused_linear, name, value)
         try:
             return fn()
         finally:
             for name, value in saved.items():
                 setattr(fused_linear, name, value)
     return call
+
+
+def piece_shapes(width: int, tp: int) -> dict:
+    """{piece: (K, N)} of one rank's GEMM."""
+    return {"ln + qkv": (width, 3 * width // tp), "ln + fc + gelu": (width, 4 * width // tp),
+            "proj + residual": (4 * width // tp, width)}
 
 
 def pieces(width: int, tp: int, rows: int):
@@ -83,8 +92,7 @@ def pieces(width: int, tp: int, rows: int):
     norm = torch.nn.LayerNorm(width, device=device, dtype=dtype)
     x = torch.randn(rows, 4 * width // tp, device=device, dtype=dtype)
     out = {}
-    for piece, (k, n) in {"ln + qkv": (width, 3 * width // tp), "ln + fc + gelu": (width, 4 * width // tp),
-                          "proj + residual": (4 * width // tp, width)}.items():
+    for piece, (k, n) in piece_shapes(width, tp).items():
         copies = max(2, -(-COLD_BYTES // (2 * k * n)))
         weights = [torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5 for _ in range(copies)]
         bias = torch.randn(n, device=device, dtype=dtype)
@@ -111,13 +119,11 @@ def main():
         lines = ["| TP | rows | piece | torch µs | fused µs | " + " | ".join(SWEEP) + " |",
                  "|---|---|---|---|---|" + "---|" * len(SWEEP)]
         default = tuple(getattr(fused_linear, name) for name in SWEEP)
-        for tp, rows in itertools.product((1, 2), (1,)):
+        for tp, rows in itertools.product((1, 2), (1, 32)):
             for piece, (eager, fused) in pieces(1280, tp, rows).items():
                 base, results = graph_us(eager), []
                 for values in itertools.product(*SWEEP.values()):
                     settings = dict(zip(SWEEP, values))
-                    if piece == "proj + residual" and settings["ONE_PASS_STATS"]:
-                        continue  # no norm in this kernel
                     results.append((graph_us([patched(settings, f) for f in fused]), values))
                 ranked = sorted(results)
                 for took, values in ranked[:4] + [r for r in ranked[4:] if r[1] == default]:
@@ -128,13 +134,15 @@ def main():
                 del eager, fused
                 torch.cuda.empty_cache()
     else:
-        lines = ["| shape | TP | rows | piece | torch µs | fused µs (rule) | cols 16 | cols 32 | cols 64 |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| shape | TP | rows | piece | torch µs | fused µs | fused unsplit µs | splits |",
+                 "|---|---|---|---|---|---|---|---|"]
         for (name, width), tp, rows in itertools.product(WIDTHS.items(), (1, 2), (1, 32)):
             for piece, (eager, fused) in pieces(width, tp, rows).items():
-                times = [graph_us(eager), graph_us(fused)]
-                times += [graph_us([patched({"block_cols": c}, f) for f in fused]) for c in (16, 32, 64)]
-                lines.append(f"| {name} | {tp} | {rows} | {piece} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+                k, n = piece_shapes(width, tp)[piece]
+                times = [graph_us(eager), graph_us(fused), graph_us([patched(UNSPLIT, f) for f in fused])]
+                launch = fused_linear.plan(k, n)
+                lines.append(f"| {name} | {tp} | {rows} | {piece} | " + " | ".join(f"{t:.1f}" for t in times)
+                             + f" | {launch.tiles} x {launch.splits} |")
                 print(lines[-1], flush=True)
                 del eager, fused
                 torch.cuda.empty_cache()

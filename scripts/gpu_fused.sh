@@ -7,8 +7,9 @@
 # 2. pytest -m gpu -k "$TESTS" (default: the fused tests and the fp16 p2p-vs-NCCL one): fused fp32 =
 #    float64 within the eager step's control on one GPU; fused TP=2 over p2p = one process; fp16
 #    fused over p2p bitwise fused over NCCL (SKIP_TESTS=1 skips it).
-# 3. gpu_profile.py: the decode step, $SHAPES, TP 1 and 2, batches $BATCHES, compile on,
-#    attention triton against fused, NCCL and p2p, and the kernels each step launches.
+# 3. gpu_profile.py: the decode step, $SHAPES, TP $TPS (default 1,2; 1 on a one-GPU kind),
+#    batches $BATCHES, compile on, attention $ATTENTION (default triton against fused, split-K,
+#    and fused-unsplit), NCCL and p2p, and the kernels each step launches.
 source scripts/device_call.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 M=models/tiny-gpt2
@@ -27,7 +28,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 echo "== profile ($(left) s left)"
 timeout $(left 5) python3 scripts/gpu_profile.py --shapes ${SHAPES:-gpt2,gpt2-large,gpt2-xl,gpt2-medium} \
-  --tp 1,2 --batches ${BATCHES:-1,32} --context 128 --steps ${STEPS:-30} --compile on --attention triton,fused \
+  --tp ${TPS:-1,2} --batches ${BATCHES:-1,32} --context 128 --steps ${STEPS:-30} --compile on \
+  --attention ${ATTENTION:-triton,fused,fused-unsplit} \
   --all-reduce ${ALL_REDUCE:-nccl,p2p} --kernels --run-timeout-s 150 --time-limit-s $(left 50) \
   --json "$OUT/profile_fused.jsonl" 2>&1 | grep -v "$FILTER" | tee "$OUT/profile_fused.md" | grep "^|" | tail -40
 find "$OUT" -type f | sort

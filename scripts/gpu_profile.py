@@ -20,9 +20,10 @@ p2p kernel or torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce
 (compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
 `--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
 layer, serve_tp/model/decode_attention.py; fused: fused_decode, five Triton kernels a layer
-up to 32 rows, serve_tp/model/fused_linear.py) x `--mlp-epilogue` (off / on: the c_fc GEMM with
-its bias + tanh GELU in cuBLASLt's epilogue where ATen takes it, serve_tp/model/epilogue.py),
-so their rows share GPUs and warm-up. The eager pass also counts the kernels one step
+up to 32 rows, serve_tp/model/fused_linear.py; fused-unsplit: the same without split-K;
+fused-pdl(-bare): with programmatic dependent launch, with(out) a weight prefetch) x
+`--mlp-epilogue` (off / on: the c_fc GEMM with its bias + tanh GELU in cuBLASLt's epilogue
+where ATen takes it, serve_tp/model/epilogue.py), so their rows share GPUs and warm-up. The eager pass also counts the kernels one step
 launches (torch.profiler): the count a graph replays, which sets a small step's time.
 `--kernels` lists them: for every row, the kernels of one graph-replayed step by name with
 their counts (and per layer), what is left to fuse. A shape whose split the sharding refuses
@@ -36,6 +37,7 @@ when there are no timings. The summary ends with TP=2 / TP=1.
 
 import argparse
 import collections
+import contextlib
 import datetime
 import gc
 import json
@@ -113,18 +115,19 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
         if path != "nccl" and reduce is None:
             results["paths"][variant] = why or "skipped: one rank"
             continue
-        fused = attention == "fused"  # fused_decode: Triton's attention, GEMMs with their neighbours fused
+        fused = attention.startswith("fused")  # fused_decode: Triton's attention, GEMMs with their neighbours fused
         forward = GPT2Forward(shard, comm.all_reduce, decode_all_reduce=reduce, compile_decode=compiled,
                               decode_attention="triton" if fused else attention, mlp_epilogue=epilogue,
                               fused_decode=fused)
         label = (reduce.description if reduce is not None else comm.all_reduce_kind) if world > 1 else "none"
         results["paths"][variant] = label
-        for graphs in (True, False):
-            _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens, list_kernels)
-            # The KV cache of the largest shapes takes half the GPU: one pass's is freed
-            # (its batch went out of scope) before the next allocates its own.
-            gc.collect()
-            torch.cuda.empty_cache()
+        with _fused_launches(attention):
+            for graphs in (True, False):
+                _time_pass(forward, context, batches, steps, graphs, results, variant, prompt_tokens, list_kernels)
+                # The KV cache of the largest shapes takes half the GPU: one pass's is freed
+                # (its batch went out of scope) before the next allocates its own.
+                gc.collect()
+                torch.cuda.empty_cache()
     plan = {"evict": [], "decode_tokens": [5] * max(batches), "admit": []}
     start = time.perf_counter()
     for _ in range(steps):
@@ -132,6 +135,25 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
     results["broadcast"] = 1000 * (time.perf_counter() - start) / steps  # the shared-memory ring
     if rank == 0:
         out.put(("ok", rank, results))
+
+
+@contextlib.contextmanager
+def _fused_launches(attention: str):
+    """fused-unsplit: fused_linear's first launches (one program per column tile of the
+    block_cols rule, K whole) for this variant's passes, to set split-K beside them in one run;
+    fused-pdl: its kernels launched with PDL (fused_linear.PDL), prefetching their weights;
+    fused-pdl-bare: the same without the prefetch."""
+    from serve_tp.model import fused_linear
+
+    saved = fused_linear.PROGRAMS, fused_linear.BLOCK_N, fused_linear.PDL, fused_linear.PDL_PREFETCH
+    if attention == "fused-unsplit":
+        fused_linear.PROGRAMS, fused_linear.BLOCK_N = 0, None
+    fused_linear.PDL = attention.startswith("fused-pdl")
+    fused_linear.PDL_PREFETCH = attention == "fused-pdl"
+    try:
+        yield
+    finally:
+        fused_linear.PROGRAMS, fused_linear.BLOCK_N, fused_linear.PDL, fused_linear.PDL_PREFETCH = saved
 
 
 def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, prompt_tokens, list_kernels):
@@ -299,7 +321,9 @@ def main():
     parser.add_argument("--attention", default="sdpa",
                         help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), or fused "
                         "(fused_decode: triton's attention and the GEMMs with their neighbours fused, "
-                        "serve_tp/model/fused_linear.py), comma-separated")
+                        "serve_tp/model/fused_linear.py), or fused-unsplit (the same without split-K: one "
+                        "program per column tile, the first kernels), fused-pdl (launched with PDL, "
+                        "fused_linear.PDL) or fused-pdl-bare (PDL without the weight prefetch), comma-separated")
     parser.add_argument("--mlp-epilogue", default="off",
                         help="GPT2Forward's mlp_epilogue: off (addmm, then GELU), on (bias + tanh GELU in the c_fc "
                              "GEMM's cuBLASLt epilogue where ATen takes it), comma-separated")
@@ -315,9 +339,11 @@ def main():
     tps = [int(t) for t in args.tp.split(",")]
     compiles = [COMPILE_CHOICES[c] for c in args.compile.split(",")]
     attentions = args.attention.split(",")
-    unknown = [a for a in attentions if a not in ("sdpa", "triton", "fused")]
+    unknown = [a for a in attentions if a not in ("sdpa", "triton", "fused", "fused-unsplit", "fused-pdl",
+                                                    "fused-pdl-bare")]
     if unknown:
-        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton, fused")
+        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton, fused, fused-unsplit, fused-pdl, "
+                     "fused-pdl-bare")
     unknown = [e for e in args.mlp_epilogue.split(",") if e not in ON_OFF]
     if unknown:
         parser.error(f"unknown --mlp-epilogue {unknown}; choose from off, on")

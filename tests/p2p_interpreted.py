@@ -15,7 +15,8 @@ GEMM does), the others are copied in by the kernel. Prints one JSON line: each r
 their tiles over the ranks (serve_tp/model/fused_linear.py, `fused_decode`). The expected sum
 is each rank's partial made by the same kernel without the exchange (so its GEMM rounds
 alike), summed in float32 in rank order and rounded once; rank 0 adds the bias. Its shapes
-give grids of 48 and 100 programs and tiles of 16 and 32 rows.
+give 1-25 column tiles, tiles of 16 and 32 rows, and K in one chunk or three (split-K: each
+tile's last program does the exchange).
 """
 
 import json
@@ -34,7 +35,7 @@ from serve_tp.engine import p2p_all_reduce  # noqa: E402
 
 ELEMENTS = 72 * 1024  # a slot: the 45 x 1600 call needs the grid loop (MAX_PROGRAMS x BLOCK = 65536)
 CALLS = [(1, 768), (3, 1000), (45, 1600), (1, 768), (2, 1024), (4, 7)]  # (rows, width), slots alternate
-FUSED_CALLS = [(1, 96, 768), (3, 64, 1600), (20, 130, 40), (2, 64, 768)]  # (rows, K, width)
+FUSED_CALLS = [(1, 96, 768), (3, 64, 1600), (20, 130, 40), (2, 700, 768)]  # (rows, K, width)
 
 
 class SharedMemoryRanks(p2p_all_reduce.P2PAllReduce):

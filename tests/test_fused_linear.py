@@ -50,15 +50,28 @@ def _eager_ln_linear(x, norm, weight, bias, gelu):
     return out if gelu == "none" else F.gelu(out, approximate="tanh" if gelu == "tanh" else "none")
 
 
+# unsplit: one program per column tile of the block_cols rule, all of K (the first kernels);
+# split: K in chunks of 32 (here 3-9 chunks, the last one short), summed by each tile's last program
+LAUNCHES = {"unsplit": dict(PROGRAMS=0), "split": dict(BLOCK_K=32, BLOCK_N=64)}
+
+
+def _launch_settings(monkeypatch, name):
+    for setting, value in LAUNCHES[name].items():
+        monkeypatch.setattr(fused_linear, setting, value)
+
+
 @pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass-stats", "one-pass-stats"])
 @pytest.mark.parametrize("gelu", ["none", "tanh", "erf"])
 @pytest.mark.parametrize("rows,k,n", [(1, 130, 200), (5, 96, 40), (20, 257, 17)],
                          ids=["1-row", "5-rows", "20-rows"])
-def test_ln_linear_is_eager_within_rounding(rows, k, n, gelu, one_pass, monkeypatch):
-    """Widths that are no multiple of the kernel's blocks (K of 128, N of 16-64), tiles of 16
-    and 32 rows, every epilogue, both ways of the norm's statistics. fp32 multiplies in IEEE
-    fp32 (TF32 would round each input to 10 bits)."""
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_ln_linear_is_eager_within_rounding(rows, k, n, gelu, one_pass, launch, monkeypatch):
+    """Widths that are no multiple of the kernel's blocks (K of 32-256, N of 16-64), tiles of
+    16 and 32 rows, every epilogue, both ways of the norm's statistics, K whole or split. fp32
+    multiplies in IEEE fp32 (TF32 would round each input to 10 bits)."""
     monkeypatch.setattr(fused_linear, "ONE_PASS_STATS", one_pass)
+    _launch_settings(monkeypatch, launch)
+    assert (fused_linear.plan(k, n).splits > 1) == (launch == "split")
     x, norm, weight, bias = _operands(rows, k, n, torch.float32)
     exact = _eager_ln_linear(x.double(), _cast(norm, dtype=torch.float64), weight.double(), bias.double(), gelu)
     control = _err(_eager_ln_linear(x, norm, weight, bias, gelu), exact)
@@ -68,8 +81,49 @@ def test_ln_linear_is_eager_within_rounding(rows, k, n, gelu, one_pass, monkeypa
     assert _err(got, exact) <= 4 * control + 1e-6, (_err(got, exact), control)
 
 
+def test_split_launches_repeat_bitwise_and_leave_their_counts_at_zero(monkeypatch):
+    """Each tile's last program sums the chunks in chunk order and resets the tile's count:
+    a second launch (of another kernel too) starts from zero and gives the same bits."""
+    _launch_settings(monkeypatch, "split")
+    x, norm, weight, bias = _operands(3, 200, 130, torch.float32, seed=3)
+    x, weight, bias = (t.to(DEVICE) for t in (x, weight, bias))
+    norm = _cast(norm, device=DEVICE)
+    first = fused_linear.ln_linear(x, norm, weight, bias, "tanh")
+    summed = fused_linear.linear_sum(first, weight.t().contiguous(), None, x)
+    assert torch.equal(first, fused_linear.ln_linear(x, norm, weight, bias, "tanh"))
+    assert torch.equal(summed, fused_linear.linear_sum(first, weight.t().contiguous(), None, x))
+    _, counts = fused_linear.workspace(x.device)
+    assert int(counts.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("programs,block_k", [(132, 256), (264, 128), (0, 256), (7, 16)])
+def test_the_plan_covers_k_in_whole_blocks_and_fills_the_programs_it_may(programs, block_k, monkeypatch):
+    monkeypatch.setattr(fused_linear, "PROGRAMS", programs)
+    monkeypatch.setattr(fused_linear, "BLOCK_K", block_k)
+    for k in (16, 100, 768, 1280, 2560, 5120, 6400):
+        for n in (17, 768, 1280, 1920, 3840, 6400):
+            block_n, tiles, splits, chunk = fused_linear.plan(k, n)
+            assert tiles == -(-n // block_n) and block_n in (16, 32, 64)
+            assert chunk % block_k == 0 and (splits - 1) * chunk < k <= splits * chunk  # no empty chunk
+            assert tiles * splits <= max(tiles, programs)
+            if programs:  # at least half the programs it aims at, where K has the blocks for them
+                assert 2 * tiles * splits >= min(programs, tiles * -(-k // block_k)), (k, n, tiles, splits)
+            else:
+                assert splits == 1
+
+
+def test_launch_options_fit_the_pipeline_in_shared_memory():
+    """fp32's 32 x 64 tiles buffer twice fp16's bytes a stage: fewer stages, so the launch fits."""
+    assert fused_linear.launch_options(torch.float16, 32, 64)["num_stages"] == fused_linear.NUM_STAGES
+    fp32 = fused_linear.launch_options(torch.float32, 32, 64)["num_stages"]
+    assert 1 <= fp32 < fused_linear.NUM_STAGES
+    assert (fp32 - 1) * fused_linear.BLOCK_K * (32 + 64) * 4 <= fused_linear.STAGED_BYTES
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("with_bias,with_residual", [(True, True), (False, True), (True, False), (False, False)])
-def test_linear_sum_on_one_rank_is_the_gemm_bias_and_residual(with_bias, with_residual):
+def test_linear_sum_on_one_rank_is_the_gemm_bias_and_residual(with_bias, with_residual, launch, monkeypatch):
+    _launch_settings(monkeypatch, launch)
     x, _, weight, bias = _operands(7, 300, 130, torch.float32, seed=1)
     residual = torch.randn(7, 130)
     exact = x.double() @ weight.double()

@@ -154,6 +154,18 @@ class P2PAllReduce:
         self._last_slot = slot
         return slot
 
+    def takes_linear(self, rows: int, k: int, width: int) -> bool:
+        """Whether `linear` can sum x [rows, k] @ W [k, width] in the GEMM's own kernel: the
+        partial fits a slot, the rows fit the tile, a flag per column tile and sender fits the
+        pad, and the column tiles are fewer than the GPU's SMs. Each tile's last program spins
+        until the peers' same tile arrives; with an SM left over the chunks it waits for on
+        any rank still start (fused_linear.plan)."""
+        from serve_tp.model import fused_linear
+
+        tiles = fused_linear.plan(k, width).tiles
+        return (self.fits(rows, width) and rows <= fused_linear.MAX_ROWS and tiles * self.world_size <= self.pad_words
+                and tiles < fused_linear.resident_programs(self.buffer.device))
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                residual: Optional[torch.Tensor] = None, slot: int = 0) -> torch.Tensor:
         """residual + the sum over the ranks of x @ weight (+ bias: rank 0 passes it), as one
@@ -161,11 +173,8 @@ class P2PAllReduce:
         tiles by the same programs (serve_tp/model/fused_linear.py, `fused_decode`)."""
         from serve_tp.model import fused_linear
 
-        rows, width = x.shape[0], weight.shape[1]
-        if not self.fits(rows, width) or rows > fused_linear.MAX_ROWS:
-            raise ValueError(f"{rows} x {width} exceeds the fused p2p sum")
-        if fused_linear.grid(width) * self.world_size > self.pad_words:
-            raise ValueError(f"{fused_linear.grid(width)} programs need more flags than the pad's {self.pad_words}")
+        if not self.takes_linear(x.shape[0], x.shape[1], weight.shape[1]):
+            raise ValueError(f"{tuple(x.shape)} @ {tuple(weight.shape)} does not fit the fused p2p sum")
         if x.dtype != self.model_dtype:
             raise TypeError(f"p2p sums {self.model_dtype}, got {x.dtype}")
         slot = self._take_slot(slot)

@@ -128,6 +128,7 @@ class GPT2Forward:
         check_usable(self.device)
         # the fused step's attention is Triton's kernel, and so is that of steps too large to fuse
         self._attention_kernel, self.decode_attention = kernel, "triton"
+        fused_linear.workspace(self.device)  # split-K's, before any CUDA graph captures its address
         return fused_linear
 
     def new_cache(self, slots: int, max_len: int) -> "KVCache":
@@ -282,7 +283,7 @@ class GPT2Forward:
         if self.world_size == 1:
             return self.fused.linear_sum(x, linear.weight, bias, residual)
         fast = self.decode_all_reduce
-        if hasattr(fast, "linear") and fast.fits(x.shape[0], linear.weight.shape[1]):
+        if hasattr(fast, "takes_linear") and fast.takes_linear(*x.shape, linear.weight.shape[1]):
             return fast.linear(x, linear.weight, bias, residual, slot=slot)
         partial = self.fused.linear_sum(x, linear.weight, bias)
         self.all_reduce(partial)

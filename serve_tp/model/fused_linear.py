@@ -39,7 +39,8 @@ TP=1 step slower: off by default. Split-K for the narrow GEMMs is what is left.
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -48,15 +49,32 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: fused_decode is refused there (config.py)
     triton = tl = None
+try:  # programmatic dependent launch (PDL), Hopper's: triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 MAX_ROWS = 32  # steps of more rows take the unfused path: the tile holds every row
-# Launch settings, module-level so scripts/fused_linear_bench.py can sweep them; these won its
-# sweep on H200 (gpt2-large's pieces, one row, weights from DRAM: docs/results/h200x2/fused/call3/).
-# BLOCK_K 128 with a two-pass norm, the first guess, took about twice as long.
+# Launch settings, module-level so scripts/fused_linear_bench.py can sweep them; BLOCK_K,
+# NUM_WARPS, NUM_STAGES and ONE_PASS_STATS won its first sweep on H200 (gpt2-large's pieces,
+# one row, weights from DRAM: docs/results/h200x2/fused/call3/). BLOCK_K 128 with a two-pass
+# norm, the first guess, took about twice as long.
 BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 4
 ONE_PASS_STATS = True  # the layer norm's statistics from one read of the rows (_row_stats)
+# Split-K: a launch aims at PROGRAMS programs (H100/H200 have 132 SMs) by cutting K into
+# chunks of whole BLOCK_Ks when its column tiles alone are too few (`plan`); 0 never splits.
+# BLOCK_N: columns a tile, or None for plan's rule.
+PROGRAMS = 132
+BLOCK_N: Optional[int] = None
+# PDL: each kernel lets the next launch as soon as all its programs run, and prefetches its
+# weights into L2 before waiting for the kernel before it (an experiment: gpu_profile.py
+# --attention fused-pdl; off until measured).
+PDL = False
+PDL_PREFETCH = True  # with PDL: prefetch W before the wait (False: only the early launch)
+STAGED_BYTES = 160 * 1024  # shared memory for the pipeline's buffered tiles (H100/H200 have 227 KB a block)
+WORKSPACE_TILES = 1024  # split partials held per device: tiles x splits, BLOCK_M x BLOCK_N each
 GELU = {"none": 0, "tanh": 1, "erf": 2}
 
 
@@ -66,16 +84,86 @@ def block_rows(rows: int) -> int:
 
 
 def block_cols(width: int) -> int:
-    """Output columns per program: enough programs to cover H100/H200's 132 SMs where the
-    width allows (16 columns is tl.dot's least). One program per column block, every row."""
+    """Output columns per program without split-K: enough programs to cover H100/H200's 132
+    SMs where the width allows (16 columns is tl.dot's least)."""
     for cols in (64, 32):
         if -(-width // cols) >= 96:
             return cols
     return 16
 
 
-def grid(width: int) -> int:
-    return -(-width // block_cols(width))
+class Plan(NamedTuple):
+    """How one launch covers x [rows, K] @ W [K, N]: `tiles` column tiles of `block_n`, each
+    cut into `splits` chunks of `chunk` rows of W (a whole number of BLOCK_Ks); program p
+    takes tile p % tiles, chunk p // tiles. Depends on K and N only, so it is the same on
+    every rank of a group."""
+    block_n: int
+    tiles: int
+    splits: int
+    chunk: int
+
+
+def plan(k: int, n: int) -> Plan:
+    """64-column tiles; where they are fewer than half of PROGRAMS, 32-column tiles if those
+    come to three quarters of it, else K cut into as many chunks as bring the grid up to
+    PROGRAMS. Why, from the second sweep (docs/results/h200/splitk/, gpt2-large's pieces):
+    a narrow, deep GEMM (the MLP's projection, N 1280: 20 tiles) keeps 20 of 132 SMs reading
+    its weights, and cut into 5 chunks takes 8.0 µs against cuBLAS's 10.2 and unsplit 12.8;
+    but where narrower tiles alone fill the GPU (TP=1's Q|K|V, N 3840: 120 tiles of 32)
+    they beat a split (7.8 against 8.8 µs), which pays its fix-up and, in ln_linear, reads
+    the norm's rows once per chunk. PROGRAMS 0: the first kernels' rule, K whole."""
+    if BLOCK_N:
+        block_n = BLOCK_N
+    elif not PROGRAMS:
+        block_n = block_cols(n)
+    else:
+        block_n = 32 if -(-n // 64) < PROGRAMS // 2 and -(-n // 32) >= 3 * PROGRAMS // 4 else 64
+    tiles = -(-n // block_n)
+    splits = max(1, min(PROGRAMS // tiles, -(-k // BLOCK_K)))
+    chunk = -(-(-(-k // splits)) // BLOCK_K) * BLOCK_K
+    return Plan(block_n, tiles, -(-k // chunk), chunk)
+
+
+def pdl_options(device: torch.device, element_size: int) -> dict:
+    """The kernels' PDL constants, and triton's launch_pdl where PDL is on (on a GPU only:
+    the interpreter has no grid dependencies)."""
+    on = PDL and torch.device(device).type == "cuda" and gdc_wait is not None
+    return dict(PDL=on, LINE=128 // element_size, PREFETCH=PDL_PREFETCH, **({"launch_pdl": True} if on else {}))
+
+
+def launch_options(dtype: torch.dtype, block_m: int, block_n: int) -> dict:
+    """Warps and pipeline stages: NUM_STAGES, fewer where the buffered x and W tiles would
+    outgrow STAGED_BYTES (fp32's do: a 32 x 64 tile with BLOCK_K 256 buffers 96 KB a stage,
+    and Triton refuses a launch past the GPU's 227 KB)."""
+    stage = BLOCK_K * (block_m + block_n) * torch.tensor([], dtype=dtype).element_size()
+    return dict(num_warps=NUM_WARPS, num_stages=max(1, min(NUM_STAGES, 1 + STAGED_BYTES // stage)))
+
+
+def resident_programs(device: torch.device) -> int:
+    """Programs sure to run at once: one a SM on a GPU (each takes at most one SM's
+    resources); the interpreter runs them one by one, in order, and needs no bound."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return sys.maxsize
+
+
+_workspaces: dict = {}
+
+
+def workspace(device: torch.device):
+    """This device's (float32 partials, int32 arrival counts) for split-K launches, made at
+    its first call. The counts are zero between launches (each tile's last program resets
+    its own); one stream runs the launches one after another, so one set serves them all.
+    A CUDA graph replays the addresses it captured, so the first call must come before any
+    capture: GPT2Forward makes it at start-up."""
+    device = torch.device(device)
+    if device not in _workspaces:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused_linear.workspace must be made before a CUDA graph capture")
+        _workspaces[device] = (torch.empty(WORKSPACE_TILES * MAX_ROWS * 64, dtype=torch.float32, device=device),
+                               torch.zeros(WORKSPACE_TILES, dtype=torch.int32, device=device))
+    return _workspaces[device]
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -132,19 +220,19 @@ if triton is not None:
         return mean, 1.0 / tl.sqrt(variance + eps)
 
     @triton.jit
-    def _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, mean, rstd, ln_w_ptr, ln_b_ptr,
-                   NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+    def _gemm_tile(x_ptr, x_stride, rows, k_begin, k_end, w_ptr, w_stride_k, w_stride_n, N, n0, mean, rstd,
+                   ln_w_ptr, ln_b_ptr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """[BLOCK_M, BLOCK_N] float32: rows of x (layer-normed when NORM, rounded to the weight's
-        dtype as F.layer_norm's output is) times columns n0.. of W [K, N]."""
+        dtype as F.layer_norm's output is) times columns n0.. of W [K, N], over k_begin..k_end."""
         m = tl.arange(0, BLOCK_M)
         n = n0 + tl.arange(0, BLOCK_N)
         row_ok = m < rows
         n_ok = n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
+            k_ok = k < k_end
             x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if NORM:
                 gain = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -157,6 +245,46 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, k_end, n0, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
+        """PDL's prologue: let the next kernel launch, pull this program's W chunk into L2 (W
+        does not depend on the kernel before: only x does), then wait for that kernel's
+        writes. LINE: W's elements in 128 bytes, one prefetch each."""
+        gdc_launch_dependents()
+        if PREFETCH:
+            cols = tl.arange(0, BLOCK_N // LINE if BLOCK_N > LINE else 1) * LINE
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                k = tl.minimum(k0 + tl.arange(0, BLOCK_K), k_end - 1)  # the chunk's last row again past its end
+                lines = w_ptr + k[:, None] * w_stride_k + (n0 + cols)[None, :] * w_stride_n
+                tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [lines],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+        gdc_wait()
+
+    @triton.jit
+    def _arrive(acc, partials_ptr, counts_ptr, tile, split, tiles, splits, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+        """Store this chunk's partial tile and count it in: True for the tile's last program,
+        which alone goes on to the epilogue. Release (after every thread's stores, the
+        barrier) and acquire (before the last program's loads) are the count's, at GPU scope."""
+        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(partials_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + tile_offsets, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        return arrived == splits - 1
+
+    @triton.jit
+    def _gather(partials_ptr, counts_ptr, tile, tiles, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The tile's sum over its chunks, in chunk order whichever program came last (so the
+        result does not depend on timing), and its count back to zero for the next launch."""
+        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for split in range(0, splits):
+            total += tl.load(partials_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + tile_offsets,
+                             cache_modifier=".cg")
+        tl.store(counts_ptr + tile, 0)
+        return total
+
+    @triton.jit
     def _gelu(x, KIND: tl.constexpr):
         """GPT-2's GELU in float32: tanh's approximation (gelu_new) or erf's (gelu)."""
         if KIND == 1:
@@ -167,13 +295,8 @@ if triton is not None:
             return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
     @triton.jit
-    def ln_linear_kernel(x_ptr, x_stride, rows, K, eps, ln_w_ptr, ln_b_ptr, w_ptr, w_stride_k, w_stride_n, bias_ptr,
-                         out_ptr, N, GELU_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ONE_PASS: tl.constexpr):
-        n0 = tl.program_id(0) * BLOCK_N
-        mean, rstd = _row_stats(x_ptr, x_stride, rows, K, eps, BLOCK_M, BLOCK_K, ONE_PASS)
-        acc = _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, mean, rstd, ln_w_ptr,
-                         ln_b_ptr, True, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    def _ln_linear_epilogue(acc, bias_ptr, out_ptr, rows, N, n0, GELU_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
         m = tl.arange(0, BLOCK_M)
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < N
@@ -185,14 +308,34 @@ if triton is not None:
         tl.store(out_ptr + m[:, None] * N + n[None, :], result, mask=(m < rows)[:, None] & n_ok[None, :])
 
     @triton.jit
-    def linear_sum_kernel(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, bias_ptr, residual_ptr, out_ptr, N,
-                          buffer_ptrs, pad_ptrs, slot_offset, RANK: tl.constexpr, WORLD: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def ln_linear_kernel(x_ptr, x_stride, rows, K, eps, ln_w_ptr, ln_b_ptr, w_ptr, w_stride_k, w_stride_n, bias_ptr,
+                         out_ptr, N, tiles, splits, chunk, partials_ptr, counts_ptr, GELU_KIND: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr,
+                         PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
         program = tl.program_id(0)
-        n0 = program * BLOCK_N
-        acc = _gemm_tile(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, N, n0, None, None, None, None,
-                         False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        tile, split = program % tiles, program // tiles
+        n0 = tile * BLOCK_N
+        k_begin = split * chunk
+        if PDL:
+            _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, tl.minimum(K, k_begin + chunk), n0, BLOCK_N,
+                                BLOCK_K, LINE, PREFETCH)
+        # the norm's statistics over the whole row, whichever chunk of K this program multiplies
+        mean, rstd = _row_stats(x_ptr, x_stride, rows, K, eps, BLOCK_M, BLOCK_K, ONE_PASS)
+        acc = _gemm_tile(x_ptr, x_stride, rows, k_begin, tl.minimum(K, k_begin + chunk), w_ptr, w_stride_k,
+                         w_stride_n, N, n0, mean, rstd, ln_w_ptr, ln_b_ptr, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                         PRECISION)
+        if SPLIT:
+            if _arrive(acc, partials_ptr, counts_ptr, tile, split, tiles, splits, BLOCK_M, BLOCK_N):
+                acc = _gather(partials_ptr, counts_ptr, tile, tiles, splits, BLOCK_M, BLOCK_N)
+                _ln_linear_epilogue(acc, bias_ptr, out_ptr, rows, N, n0, GELU_KIND, BLOCK_M, BLOCK_N)
+        else:
+            _ln_linear_epilogue(acc, bias_ptr, out_ptr, rows, N, n0, GELU_KIND, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _linear_sum_epilogue(acc, bias_ptr, residual_ptr, out_ptr, rows, N, n0, tile, buffer_ptrs, pad_ptrs,
+                             slot_offset, RANK: tl.constexpr, WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         m = tl.arange(0, BLOCK_M)
         n = n0 + tl.arange(0, BLOCK_N)
         ok = (m < rows)[:, None] & (n < N)[None, :]
@@ -209,10 +352,10 @@ if triton is not None:
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
                     pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-                    raise_flag(pad + program * WORLD + RANK, "release")
+                    raise_flag(pad + tile * WORLD + RANK, "release")
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
-                    take_flag(own_pad + program * WORLD + peer, "acquire")
+                    take_flag(own_pad + tile * WORLD + peer, "acquire")
             tl.debug_barrier()  # every thread's loads follow the flags
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for source in tl.static_range(WORLD):
@@ -227,6 +370,33 @@ if triton is not None:
             part = (residual + part.to(tl.float32)).to(element)
         tl.store(out_ptr + offsets, part, mask=ok)
 
+    @triton.jit
+    def linear_sum_kernel(x_ptr, x_stride, rows, K, w_ptr, w_stride_k, w_stride_n, bias_ptr, residual_ptr, out_ptr, N,
+                          tiles, splits, chunk, partials_ptr, counts_ptr, buffer_ptrs, pad_ptrs, slot_offset,
+                          RANK: tl.constexpr, WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                          PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
+        """The tile's last program (the only one without SPLIT) does the epilogue, exchange
+        included: the flags are the tile's, so tile t meets tile t on every rank."""
+        program = tl.program_id(0)
+        tile, split = program % tiles, program // tiles
+        n0 = tile * BLOCK_N
+        k_begin = split * chunk
+        if PDL:
+            _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, tl.minimum(K, k_begin + chunk), n0, BLOCK_N,
+                                BLOCK_K, LINE, PREFETCH)
+        acc = _gemm_tile(x_ptr, x_stride, rows, k_begin, tl.minimum(K, k_begin + chunk), w_ptr, w_stride_k,
+                         w_stride_n, N, n0, None, None, None, None, False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if SPLIT:
+            if _arrive(acc, partials_ptr, counts_ptr, tile, split, tiles, splits, BLOCK_M, BLOCK_N):
+                acc = _gather(partials_ptr, counts_ptr, tile, tiles, splits, BLOCK_M, BLOCK_N)
+                _linear_sum_epilogue(acc, bias_ptr, residual_ptr, out_ptr, rows, N, n0, tile, buffer_ptrs, pad_ptrs,
+                                     slot_offset, RANK, WORLD, HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+        else:
+            _linear_sum_epilogue(acc, bias_ptr, residual_ptr, out_ptr, rows, N, n0, tile, buffer_ptrs, pad_ptrs,
+                                 slot_offset, RANK, WORLD, HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     rows, width = x.shape
@@ -236,19 +406,35 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not multiply weight {tuple(weight.shape)} {weight.dtype}")
 
 
+def _launch(x: torch.Tensor, weight: torch.Tensor) -> dict:
+    """The grid and the arguments every launch shares: the plan's, and the split workspace."""
+    _check(x, weight)
+    rows, k = x.shape
+    n = weight.shape[1]
+    launch_plan = plan(k, n)
+    partials, counts = workspace(x.device)
+    if launch_plan.splits > 1 and (launch_plan.tiles > counts.numel() or launch_plan.tiles * launch_plan.splits
+                                   * block_rows(rows) * launch_plan.block_n > partials.numel()):
+        raise ValueError(f"{launch_plan} outgrows the split workspace ({WORKSPACE_TILES} tiles)")
+    return dict(grid=(launch_plan.tiles * launch_plan.splits,), args=(launch_plan.tiles, launch_plan.splits,
+                launch_plan.chunk, partials, counts), constants=dict(
+                    BLOCK_M=block_rows(rows), BLOCK_N=launch_plan.block_n, BLOCK_K=BLOCK_K,
+                    PRECISION=precision(x.dtype), SPLIT=launch_plan.splits > 1,
+                    **pdl_options(x.device, weight.element_size()),
+                    **launch_options(x.dtype, block_rows(rows), launch_plan.block_n)))
+
+
 def ln_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor,
               gelu: str = "none") -> torch.Tensor:
     """GELU?(layer_norm(x) @ weight + bias) in one launch: x [rows, K] (rows <= MAX_ROWS),
     weight [K, N] (Conv1D's layout), bias [N]. Returns [rows, N] in x's dtype."""
-    _check(x, weight)
+    launch = _launch(x, weight)
     rows, width = x.shape
     out_width = weight.shape[1]
     out = torch.empty((rows, out_width), dtype=x.dtype, device=x.device)
-    ln_linear_kernel[(grid(out_width),)](
+    ln_linear_kernel[launch["grid"]](
         x, x.stride(0), rows, width, norm.eps, norm.weight, norm.bias, weight, weight.stride(0), weight.stride(1),
-        bias, out, out_width, GELU_KIND=GELU[gelu], BLOCK_M=block_rows(rows), BLOCK_N=block_cols(out_width),
-        BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype), ONE_PASS=ONE_PASS_STATS, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES)
+        bias, out, out_width, *launch["args"], GELU_KIND=GELU[gelu], ONE_PASS=ONE_PASS_STATS, **launch["constants"])
     return out
 
 
@@ -259,15 +445,14 @@ def linear_sum(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Without `exchange`: this rank's x @ weight (+ bias) (+ residual) alone. With it, the
     p2p all-reduce's `(buffer_ptrs, pad_ptrs, slot_offset, rank, world)` (p2p_all_reduce.py
     makes it, and owns the slot rule): every rank of the group must make the same call."""
-    _check(x, weight)
+    launch = _launch(x, weight)
     rows, width = x.shape
     out_width = weight.shape[1]
     out = torch.empty((rows, out_width), dtype=x.dtype, device=x.device)
     buffer_ptrs, pad_ptrs, slot_offset, rank, world = exchange or (x, x, 0, 0, 1)
-    linear_sum_kernel[(grid(out_width),)](
+    linear_sum_kernel[launch["grid"]](
         x, x.stride(0), rows, width, weight, weight.stride(0), weight.stride(1),
         bias if bias is not None else x, residual.contiguous() if residual is not None else x, out, out_width,
-        buffer_ptrs, pad_ptrs, slot_offset, RANK=rank, WORLD=world, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=block_rows(rows), BLOCK_N=block_cols(out_width),
-        BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        *launch["args"], buffer_ptrs, pad_ptrs, slot_offset, RANK=rank, WORLD=world, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, **launch["constants"])
     return out
