@@ -20,11 +20,11 @@ p2p kernel or torch's symmetric-memory one-shot, serve_tp/engine/fast_all_reduce
 (compile_decode off / on / max = Inductor max-autotune, serve_tp/model/compiled.py) x
 `--attention` (decode_attention sdpa / triton: index_put + SDPA, or one Triton kernel per
 layer, serve_tp/model/decode_attention.py; fused: fused_decode, five Triton kernels a layer
-up to 32 rows, serve_tp/model/fused_linear.py; fused-unsplit: the same without split-K;
-fused-pdl(-bare): with programmatic dependent launch, with(out) a weight prefetch) x
+up to 32 rows, serve_tp/model/fused_linear.py; fused-unsplit: the same without split-K) x
 `--mlp-epilogue` (off / on: the c_fc GEMM with its bias + tanh GELU in cuBLASLt's epilogue
-where ATen takes it, serve_tp/model/epilogue.py), so their rows share GPUs and warm-up. The eager pass also counts the kernels one step
-launches (torch.profiler): the count a graph replays, which sets a small step's time.
+where ATen takes it, serve_tp/model/epilogue.py), so their rows share GPUs and warm-up. The
+eager pass also counts the kernels one step launches (torch.profiler): the count a graph
+replays, which sets a small step's time.
 `--kernels` lists them: for every row, the kernels of one graph-replayed step by name with
 their counts (and per layer), what is left to fuse. A shape whose split the sharding refuses
 is skipped with the refusal, and so is a run whose ranks fail (out of memory...): the other runs go on. `--json`
@@ -140,20 +140,16 @@ def _rank_main(rank, world, port, model_dir, dtype, batches, steps, out, variant
 @contextlib.contextmanager
 def _fused_launches(attention: str):
     """fused-unsplit: fused_linear's first launches (one program per column tile of the
-    block_cols rule, K whole) for this variant's passes, to set split-K beside them in one run;
-    fused-pdl: its kernels launched with PDL (fused_linear.PDL), prefetching their weights;
-    fused-pdl-bare: the same without the prefetch."""
+    block_cols rule, K whole) for this variant's passes, to set split-K beside them in one run."""
     from serve_tp.model import fused_linear
 
-    saved = fused_linear.PROGRAMS, fused_linear.BLOCK_N, fused_linear.PDL, fused_linear.PDL_PREFETCH
+    saved = fused_linear.PROGRAMS, fused_linear.BLOCK_N
     if attention == "fused-unsplit":
         fused_linear.PROGRAMS, fused_linear.BLOCK_N = 0, None
-    fused_linear.PDL = attention.startswith("fused-pdl")
-    fused_linear.PDL_PREFETCH = attention == "fused-pdl"
     try:
         yield
     finally:
-        fused_linear.PROGRAMS, fused_linear.BLOCK_N, fused_linear.PDL, fused_linear.PDL_PREFETCH = saved
+        fused_linear.PROGRAMS, fused_linear.BLOCK_N = saved
 
 
 def _time_pass(forward, n_positions, batches, steps, graphs, results, variant, prompt_tokens, list_kernels):
@@ -322,8 +318,7 @@ def main():
                         help="decode_attention: sdpa (index_put + SDPA), triton (one kernel per layer), or fused "
                         "(fused_decode: triton's attention and the GEMMs with their neighbours fused, "
                         "serve_tp/model/fused_linear.py), or fused-unsplit (the same without split-K: one "
-                        "program per column tile, the first kernels), fused-pdl (launched with PDL, "
-                        "fused_linear.PDL) or fused-pdl-bare (PDL without the weight prefetch), comma-separated")
+                        "program per column tile, the first kernels), comma-separated")
     parser.add_argument("--mlp-epilogue", default="off",
                         help="GPT2Forward's mlp_epilogue: off (addmm, then GELU), on (bias + tanh GELU in the c_fc "
                              "GEMM's cuBLASLt epilogue where ATen takes it), comma-separated")
@@ -339,11 +334,9 @@ def main():
     tps = [int(t) for t in args.tp.split(",")]
     compiles = [COMPILE_CHOICES[c] for c in args.compile.split(",")]
     attentions = args.attention.split(",")
-    unknown = [a for a in attentions if a not in ("sdpa", "triton", "fused", "fused-unsplit", "fused-pdl",
-                                                    "fused-pdl-bare")]
+    unknown = [a for a in attentions if a not in ("sdpa", "triton", "fused", "fused-unsplit")]
     if unknown:
-        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton, fused, fused-unsplit, fused-pdl, "
-                     "fused-pdl-bare")
+        parser.error(f"unknown --attention {unknown}; choose from sdpa, triton, fused, fused-unsplit")
     unknown = [e for e in args.mlp_epilogue.split(",") if e not in ON_OFF]
     if unknown:
         parser.error(f"unknown --mlp-epilogue {unknown}; choose from off, on")

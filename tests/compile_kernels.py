@@ -36,7 +36,6 @@ def variants():
     for dtype, precision, torch_dtype in (("fp16", "tf32", torch.float16), ("bf16", "tf32", torch.bfloat16),
                                           ("fp32", "ieee", torch.float32)):
         pointer = f"*{dtype}"
-        line = 128 // torch.tensor([], dtype=torch_dtype).element_size()  # W's elements in a prefetched line
         for gelu in (0, 1, 2):
             for block_m, block_n in ((16, 16), (32, 64)):
                 signature = {"x_ptr": pointer, "x_stride": "i32", "rows": "i32", "K": "i32", "eps": "fp32",
@@ -47,7 +46,7 @@ def variants():
                 yield (f"ln_linear {dtype} gelu={gelu} {block_m}x{block_n} one_pass={one_pass} split={split}",
                        fused_linear.ln_linear_kernel, signature,
                        dict(GELU_KIND=gelu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fused_linear.BLOCK_K,
-                            PRECISION=precision, ONE_PASS=one_pass, SPLIT=split, PDL=split, LINE=line, PREFETCH=True),
+                            PRECISION=precision, ONE_PASS=one_pass, SPLIT=split),
                        fused_linear.launch_options(torch_dtype, block_m, block_n))
         for rank, world in ((0, 1), (0, 2), (1, 2), (2, 3)):
             for has_bias in (rank == 0, False):
@@ -59,8 +58,7 @@ def variants():
                 yield (f"linear_sum {dtype} rank {rank}/{world} bias={has_bias} split={split}",
                        fused_linear.linear_sum_kernel, signature,
                        dict(RANK=rank, WORLD=world, HAS_BIAS=has_bias, HAS_RESIDUAL=True, BLOCK_M=16, BLOCK_N=64,
-                            BLOCK_K=fused_linear.BLOCK_K, PRECISION=precision, SPLIT=split, PDL=split,
-                            LINE=line, PREFETCH=rank == 1),
+                            BLOCK_K=fused_linear.BLOCK_K, PRECISION=precision, SPLIT=split),
                        fused_linear.launch_options(torch_dtype, 16, 64))
         for published in (True, False):
             signature = {"partial_ptr": pointer, "residual_ptr": pointer, "out_ptr": pointer, "buffer_ptrs": "*i64",

@@ -328,23 +328,6 @@ def test_fused_decode_fp32_within_rounding_of_the_eager_step(gpu_model, cuda_gra
     assert err <= 4 * control, (err, control)
 
 
-def test_fused_decode_with_pdl_gives_the_same_bits(gpu_model, monkeypatch):
-    """fused_linear.PDL only moves when each kernel starts (its weights prefetched, then a
-    wait for the kernel before): in CUDA graphs, fp32, the logits are bit for bit those of
-    the fused step without it. A missing wait would read the last kernel's rows half written."""
-    from serve_tp.model import fused_linear
-    from serve_tp.model.forward import GPT2Forward
-    from serve_tp.model.loader import load_shard
-
-    shard = load_shard(gpu_model, "float32", torch.device("cuda", 0), 0, 1)
-    prompts = [[5 + (i * 7) % 40 for i in range(n)] for n in (3, 70, 120, 1)]
-    plain = _decode_record(GPT2Forward(shard, fused_decode=True), prompts, 40, True)
-    monkeypatch.setattr(fused_linear, "PDL", True)
-    assert fused_linear.pdl_options(torch.device("cuda", 0), 4)["PDL"], "this triton has no gdc_wait"
-    with_pdl = _decode_record(GPT2Forward(shard, fused_decode=True), prompts, 40, True)
-    assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl))
-
-
 def _against_float64(gpu_model, cuda_graphs, **settings):
     """A GPT2Forward with `settings` and the default one, fp32 on one GPU, each against the
     default step in float64: (its greedy tokens, the default's, its error, the default's error:

@@ -49,10 +49,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: fused_decode is refused there (config.py)
     triton = tl = None
-try:  # programmatic dependent launch (PDL), Hopper's: triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
 
 MAX_ROWS = 32  # steps of more rows take the unfused path: the tile holds every row
 # Launch settings, module-level so scripts/fused_linear_bench.py can sweep them; BLOCK_K,
@@ -68,11 +64,6 @@ ONE_PASS_STATS = True  # the layer norm's statistics from one read of the rows (
 # BLOCK_N: columns a tile, or None for plan's rule.
 PROGRAMS = 132
 BLOCK_N: Optional[int] = None
-# PDL: each kernel lets the next launch as soon as all its programs run, and prefetches its
-# weights into L2 before waiting for the kernel before it (an experiment: gpu_profile.py
-# --attention fused-pdl; off until measured).
-PDL = False
-PDL_PREFETCH = True  # with PDL: prefetch W before the wait (False: only the early launch)
 STAGED_BYTES = 160 * 1024  # shared memory for the pipeline's buffered tiles (H100/H200 have 227 KB a block)
 WORKSPACE_TILES = 1024  # split partials held per device: tiles x splits, BLOCK_M x BLOCK_N each
 GELU = {"none": 0, "tanh": 1, "erf": 2}
@@ -122,13 +113,6 @@ def plan(k: int, n: int) -> Plan:
     splits = max(1, min(PROGRAMS // tiles, -(-k // BLOCK_K)))
     chunk = -(-(-(-k // splits)) // BLOCK_K) * BLOCK_K
     return Plan(block_n, tiles, -(-k // chunk), chunk)
-
-
-def pdl_options(device: torch.device, element_size: int) -> dict:
-    """The kernels' PDL constants, and triton's launch_pdl where PDL is on (on a GPU only:
-    the interpreter has no grid dependencies)."""
-    on = PDL and torch.device(device).type == "cuda" and gdc_wait is not None
-    return dict(PDL=on, LINE=128 // element_size, PREFETCH=PDL_PREFETCH, **({"launch_pdl": True} if on else {}))
 
 
 def launch_options(dtype: torch.dtype, block_m: int, block_n: int) -> dict:
@@ -245,22 +229,6 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, k_end, n0, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
-        """PDL's prologue: let the next kernel launch, pull this program's W chunk into L2 (W
-        does not depend on the kernel before: only x does), then wait for that kernel's
-        writes. LINE: W's elements in 128 bytes, one prefetch each."""
-        gdc_launch_dependents()
-        if PREFETCH:
-            cols = tl.arange(0, BLOCK_N // LINE if BLOCK_N > LINE else 1) * LINE
-            for k0 in range(k_begin, k_end, BLOCK_K):
-                k = tl.minimum(k0 + tl.arange(0, BLOCK_K), k_end - 1)  # the chunk's last row again past its end
-                lines = w_ptr + k[:, None] * w_stride_k + (n0 + cols)[None, :] * w_stride_n
-                tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [lines],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-        gdc_wait()
-
-    @triton.jit
     def _arrive(acc, partials_ptr, counts_ptr, tile, split, tiles, splits, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
         """Store this chunk's partial tile and count it in: True for the tile's last program,
@@ -311,15 +279,11 @@ if triton is not None:
     def ln_linear_kernel(x_ptr, x_stride, rows, K, eps, ln_w_ptr, ln_b_ptr, w_ptr, w_stride_k, w_stride_n, bias_ptr,
                          out_ptr, N, tiles, splits, chunk, partials_ptr, counts_ptr, GELU_KIND: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PRECISION: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr,
-                         PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
+                         PRECISION: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr):
         program = tl.program_id(0)
         tile, split = program % tiles, program // tiles
         n0 = tile * BLOCK_N
         k_begin = split * chunk
-        if PDL:
-            _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, tl.minimum(K, k_begin + chunk), n0, BLOCK_N,
-                                BLOCK_K, LINE, PREFETCH)
         # the norm's statistics over the whole row, whichever chunk of K this program multiplies
         mean, rstd = _row_stats(x_ptr, x_stride, rows, K, eps, BLOCK_M, BLOCK_K, ONE_PASS)
         acc = _gemm_tile(x_ptr, x_stride, rows, k_begin, tl.minimum(K, k_begin + chunk), w_ptr, w_stride_k,
@@ -375,17 +339,13 @@ if triton is not None:
                           tiles, splits, chunk, partials_ptr, counts_ptr, buffer_ptrs, pad_ptrs, slot_offset,
                           RANK: tl.constexpr, WORLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                          PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
         """The tile's last program (the only one without SPLIT) does the epilogue, exchange
         included: the flags are the tile's, so tile t meets tile t on every rank."""
         program = tl.program_id(0)
         tile, split = program % tiles, program // tiles
         n0 = tile * BLOCK_N
         k_begin = split * chunk
-        if PDL:
-            _prefetch_then_wait(w_ptr, w_stride_k, w_stride_n, k_begin, tl.minimum(K, k_begin + chunk), n0, BLOCK_N,
-                                BLOCK_K, LINE, PREFETCH)
         acc = _gemm_tile(x_ptr, x_stride, rows, k_begin, tl.minimum(K, k_begin + chunk), w_ptr, w_stride_k,
                          w_stride_n, N, n0, None, None, None, None, False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         if SPLIT:
@@ -420,7 +380,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor) -> dict:
                 launch_plan.chunk, partials, counts), constants=dict(
                     BLOCK_M=block_rows(rows), BLOCK_N=launch_plan.block_n, BLOCK_K=BLOCK_K,
                     PRECISION=precision(x.dtype), SPLIT=launch_plan.splits > 1,
-                    **pdl_options(x.device, weight.element_size()),
                     **launch_options(x.dtype, block_rows(rows), launch_plan.block_n)))
 
 
