@@ -25,16 +25,25 @@ What differs is the order of the float32 additions inside the GEMM and the norm;
 models multiply in IEEE fp32 (no TF32). tests/test_fused_linear.py holds them to the
 eager path within what rounding alone does.
 
-The flag protocol (raise 0 -> 1 in the peer's pad, take 1 -> 0 in one's own; program p meets
-program p) and the two alternating buffer slots are p2p_all_reduce.py's; its docstring says
-why they are safe. The grid depends only on the output width, so it is the same on every rank.
+Split-K (`plan`): where a GEMM's column tiles are too few to occupy the GPU (N 1280 at 64
+columns is 20 tiles for 132 SMs), K is cut into chunks, one program each; every program
+stores its float32 partial tile in a workspace and counts itself in, and the tile's last
+program sums the chunks in chunk order (the result does not depend on which came last) and
+runs the epilogue, the exchange included.
 
-Measured on 2xH200 (docs/gpu.md, "Fused decode layers"): a step runs 40-49% fewer kernels
-(gpt2-large 328 -> 187 at TP=1, 364 -> 187 at TP=2), and each kernel replaces two or three of torch's at about
-their cost when the GEMM is wide (Q|K|V, c_fc) but not when it is narrow and deep (a TP=1
-MLP projection, K 5120 x N 1280: 12.8 vs 10.4 µs, one program per 16 columns and no split
-of K). So a TP=2 step over p2p is as fast as the compiled step with Triton attention, and a
-TP=1 step slower: off by default. Split-K for the narrow GEMMs is what is left.
+The flag protocol (raise 0 -> 1 in the peer's pad, take 1 -> 0 in one's own; column tile t
+meets column tile t) and the two alternating buffer slots are p2p_all_reduce.py's; its
+docstring says why they are safe. The plan depends only on K and N, so it is the same on
+every rank.
+
+Measured on one H200 (docs/gpu.md, "Fused decode layers", split-K): a step runs 40-49%
+fewer kernels than the compiled step with Triton attention (gpt2-large 328 -> 187), and
+split-K made the narrow GEMMs faster than cuBLAS (gpt2-large's TP=1 MLP projection 8.0 µs
+against 10.2; unsplit 12.9) and the fused TP=1 step 13-21% shorter than unsplit on -medium,
+-large and -xl (gpt2: within ±4%). Each kernel still costs ~4-5 µs beyond its bytes, so the
+TP=1 step is within -8..+11% of the compiled one on those shapes (gpt2: -4..+27%) and
+fused_decode stays off; the TP=2 step with split-K is not measured (no two-GPU machine in
+that session).
 """
 
 from __future__ import annotations
