@@ -9,8 +9,6 @@
 # 3. the fixed serving benchmark behind HAProxy, synchronous (async_scheduling=false), then async
 # Each part is bounded by what is left of BUDGET_S, so the call returns its files.
 source scripts/device_call.sh
-M=models/tiny-gpt2
-[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
 echo "== tests ($(left) s left)"
 SERVE_TP_GPU_MODEL=$M timeout 170 python3 -m pytest -m gpu tests/test_gpu.py -k "async or triton" -q -s -p no:cacheprovider 2>&1 \
   | grep "passed\|failed\|Error\|assert" | tail -12 | tee "$OUT/new_paths_tests.log"

@@ -11,10 +11,6 @@
 #    batches $BATCHES, compile on, attention $ATTENTION (default triton against fused, split-K,
 #    and fused-unsplit), NCCL and p2p, and the kernels each step launches.
 source scripts/device_call.sh
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-M=models/tiny-gpt2
-[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
-FILTER="Warning\|warn\|DeepSpeed\|^\[\|^INFO"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== fused kernels alone ($(left) s left)"
   timeout ${BENCH_S:-120} python3 scripts/fused_linear_bench.py $([ "${SWEEP:-0}" = 1 ] && echo --sweep) \

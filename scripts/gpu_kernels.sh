@@ -10,9 +10,6 @@
 #    fuses them at one row already: serve_tp/model/epilogue.py).
 # Each part is bounded by what is left of BUDGET_S, so the call returns its files.
 source scripts/device_call.sh
-python3 -c "import torch; print('torch', torch.__version__)"
-M=models/tiny-gpt2
-[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
 echo "== tests ($(left) s left)"
 SERVE_TP_GPU_MODEL=$M timeout 200 python3 -m pytest -m gpu tests/test_gpu.py -k "triton or compiled" \
   -q -s -p no:cacheprovider 2>&1 | grep "passed\|failed\|Error\|assert\|kernels" | tail -20 | tee "$OUT/kernels_tests.log"

@@ -11,10 +11,6 @@
 # 4. gpu_profile.py with what is left: the decode step, $SHAPES, TP 1 and 2, NCCL against p2p,
 #    compile $COMPILE, batches $BATCHES.
 source scripts/device_call.sh
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-M=models/tiny-gpt2
-[ -f $M/config.json ] || python3 -m serve_tp.model.tiny_model $M >/dev/null 2>&1
-FILTER="Warning\|warn\|DeepSpeed\|^\[\|^INFO"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== all-reduce microbenchmark ($(left) s left)"
   timeout ${BENCH_S:-60} python3 scripts/allreduce_bench.py --groups nccl,serve_tp_p2p --dtypes float16,bfloat16 \
