@@ -51,7 +51,8 @@ def _eager_ln_linear(x, norm, weight, bias, gelu):
 
 
 # unsplit: one program per column tile of the block_cols rule, all of K (the first kernels);
-# split: K in chunks of 32 (here 3-9 chunks, the last one short), summed by each tile's last program
+# split: K in chunks of 32 (here 3-9 chunks, the last one short where K is no multiple of 32),
+# summed by each tile's last program
 LAUNCHES = {"unsplit": dict(PROGRAMS=0), "split": dict(BLOCK_K=32, BLOCK_N=64)}
 
 

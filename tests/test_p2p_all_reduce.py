@@ -39,3 +39,28 @@ def test_every_rank_gets_the_sum_rounded_once_and_the_pads_return_to_zero(world,
     assert len(calls) == world * (4 if fused else 6) and all(equal for _, _, equal in calls), calls
     assert report["pads_left"] == 0 and report["exit_codes"] == [0] * world
 
+
+
+def test_the_fused_sum_is_taken_only_where_every_tile_can_meet_its_peers(monkeypatch):
+    """P2PAllReduce.takes_linear: every row in the tile, a flag per column tile and sender in
+    the pad, and fewer column tiles than programs the GPU runs at once (each tile's last
+    program spins for its peers; with no SM to spare a chunk it waits for could never start).
+    Otherwise the forward sums the partial over NCCL instead."""
+    import torch
+
+    from serve_tp.engine import p2p_all_reduce
+    from serve_tp.model import fused_linear
+
+    reduce = object.__new__(p2p_all_reduce.P2PAllReduce)  # the rule alone: no symmetric memory
+    reduce.world_size, reduce.elements, reduce.pad_words = 2, 64 * 1280, 256
+    reduce.buffer = torch.zeros(1)
+    assert fused_linear.plan(5120, 1280).tiles == 20
+    monkeypatch.setattr(fused_linear, "resident_programs", lambda device: 21)
+    assert reduce.takes_linear(fused_linear.MAX_ROWS, 5120, 1280)
+    assert not reduce.takes_linear(fused_linear.MAX_ROWS + 1, 5120, 1280)  # fits the slot, not the tile
+    assert not reduce.takes_linear(1, 5120, 64 * 1280 + 1)  # outgrows the slot
+    monkeypatch.setattr(fused_linear, "resident_programs", lambda device: 20)
+    assert not reduce.takes_linear(1, 5120, 1280)  # 20 tiles could fill all 20 SMs with spinners
+    monkeypatch.setattr(fused_linear, "resident_programs", lambda device: 21)
+    reduce.pad_words = 39
+    assert not reduce.takes_linear(1, 5120, 1280)  # 20 tiles x 2 senders need 40 flags

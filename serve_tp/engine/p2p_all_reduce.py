@@ -36,7 +36,8 @@ spins while the previous call's flag is still unread) and reset 1 -> 0 by its
 receiver with an acquire compare-and-swap, so the zero-filled pads return to zero after every
 call and a captured graph needs no value from the host. Pads are indexed by program and
 sender: program p of every rank meets only program p of its peers, and the grid is the same
-on every rank for a given shape.
+on every rank for a given shape. (The fused GEMM + sum, `linear`, indexes them by column
+tile instead: its split-K chunks of a tile raise one flag, from the tile's last program.)
 
 Two buffer slots, no closing barrier: the decode step's attention sums use slot 0 and its MLP
 sums slot 1, so consecutive calls alternate. A rank writes slot s again (its GEMM, or the

@@ -10,10 +10,10 @@ layer norm in its prologue and no all-reduce in its epilogue, so these kernels d
   epilogue. A layer's Q|K|V and its c_fc are one launch each.
 - `linear_sum`: the row-parallel GEMM, rank 0's bias, the sum over the ranks and the
   residual add in one launch. With a peer exchange (the p2p all-reduce's symmetric buffers,
-  serve_tp/engine/p2p_all_reduce.py), each program writes its tile of this rank's partial
-  into its buffer, raises a flag in each peer's signal pad, waits for theirs, and sums the
-  same tile of every rank's partial in rank order: the all-reduce of one tile overlaps the
-  GEMM of the others, and no separate all-reduce kernel runs.
+  serve_tp/engine/p2p_all_reduce.py), each column tile's last program writes the tile of
+  this rank's partial into its buffer, raises a flag in each peer's signal pad, waits for
+  theirs, and sums the same tile of every rank's partial in rank order: the all-reduce of
+  one tile overlaps the GEMM of the others, and no separate all-reduce kernel runs.
 
 With Triton's attention kernel (decode_attention.py) a layer is five launches at any TP.
 
@@ -134,7 +134,9 @@ def launch_options(dtype: torch.dtype, block_m: int, block_n: int) -> dict:
 
 def resident_programs(device: torch.device) -> int:
     """Programs sure to run at once: one a SM on a GPU (each takes at most one SM's
-    resources); the interpreter runs them one by one, in order, and needs no bound."""
+    resources), where nothing else runs beside the step and every rank of a group has the
+    same GPU (a TP group's ranks share one node's kind); the interpreter runs them one by
+    one, in order, and needs no bound."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -151,6 +153,8 @@ def workspace(device: torch.device):
     A CUDA graph replays the addresses it captured, so the first call must come before any
     capture: GPT2Forward makes it at start-up."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one workspace
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _workspaces:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("fused_linear.workspace must be made before a CUDA graph capture")
@@ -384,7 +388,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor) -> dict:
     partials, counts = workspace(x.device)
     if launch_plan.splits > 1 and (launch_plan.tiles > counts.numel() or launch_plan.tiles * launch_plan.splits
                                    * block_rows(rows) * launch_plan.block_n > partials.numel()):
-        raise ValueError(f"{launch_plan} outgrows the split workspace ({WORKSPACE_TILES} tiles)")
+        raise ValueError(f"{launch_plan} of {rows} rows outgrows the split workspace "
+                         f"({WORKSPACE_TILES} counts, {partials.numel()} partial values)")
     return dict(grid=(launch_plan.tiles * launch_plan.splits,), args=(launch_plan.tiles, launch_plan.splits,
                 launch_plan.chunk, partials, counts), constants=dict(
                     BLOCK_M=block_rows(rows), BLOCK_N=launch_plan.block_n, BLOCK_K=BLOCK_K,
