@@ -242,13 +242,19 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _partial_tile(partials_ptr, tile, split, tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Where chunk `split` of column tile `tile` keeps its [BLOCK_M, BLOCK_N] float32
+        partial in the workspace: the one layout _arrive writes and _gather reads."""
+        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        return partials_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + tile_offsets
+
+    @triton.jit
     def _arrive(acc, partials_ptr, counts_ptr, tile, split, tiles, splits, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
         """Store this chunk's partial tile and count it in: True for the tile's last program,
         which alone goes on to the epilogue. Release (after every thread's stores, the
         barrier) and acquire (before the last program's loads) are the count's, at GPU scope."""
-        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(partials_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + tile_offsets, acc)
+        tl.store(_partial_tile(partials_ptr, tile, split, tiles, BLOCK_M, BLOCK_N), acc)
         tl.debug_barrier()
         arrived = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel", scope="gpu")
         return arrived == splits - 1
@@ -257,11 +263,9 @@ if triton is not None:
     def _gather(partials_ptr, counts_ptr, tile, tiles, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The tile's sum over its chunks, in chunk order whichever program came last (so the
         result does not depend on timing), and its count back to zero for the next launch."""
-        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for split in range(0, splits):
-            total += tl.load(partials_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + tile_offsets,
-                             cache_modifier=".cg")
+            total += tl.load(_partial_tile(partials_ptr, tile, split, tiles, BLOCK_M, BLOCK_N), cache_modifier=".cg")
         tl.store(counts_ptr + tile, 0)
         return total
 
@@ -383,18 +387,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor) -> dict:
     """The grid and the arguments every launch shares: the plan's, and the split workspace."""
     _check(x, weight)
     rows, k = x.shape
-    n = weight.shape[1]
-    launch_plan = plan(k, n)
+    block_m, launch_plan = block_rows(rows), plan(k, weight.shape[1])
     partials, counts = workspace(x.device)
     if launch_plan.splits > 1 and (launch_plan.tiles > counts.numel() or launch_plan.tiles * launch_plan.splits
-                                   * block_rows(rows) * launch_plan.block_n > partials.numel()):
+                                   * block_m * launch_plan.block_n > partials.numel()):
         raise ValueError(f"{launch_plan} of {rows} rows outgrows the split workspace "
                          f"({WORKSPACE_TILES} counts, {partials.numel()} partial values)")
     return dict(grid=(launch_plan.tiles * launch_plan.splits,), args=(launch_plan.tiles, launch_plan.splits,
                 launch_plan.chunk, partials, counts), constants=dict(
-                    BLOCK_M=block_rows(rows), BLOCK_N=launch_plan.block_n, BLOCK_K=BLOCK_K,
-                    PRECISION=precision(x.dtype), SPLIT=launch_plan.splits > 1,
-                    **launch_options(x.dtype, block_rows(rows), launch_plan.block_n)))
+                    BLOCK_M=block_m, BLOCK_N=launch_plan.block_n, BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype),
+                    SPLIT=launch_plan.splits > 1, **launch_options(x.dtype, block_m, launch_plan.block_n)))
 
 
 def ln_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor,
